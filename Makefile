@@ -1,0 +1,31 @@
+# Two entry points do all set-up on a fresh machine: `make train` and `make test`.
+# The venv is built once and rebuilt when the packaging or the C++ sources change.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch; an unpinned `torch` would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.grpo_fast-installed
+
+.PHONY: setup test train bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+test: setup
+	$(PY) -m pytest tests
+
+train: setup
+	$(PY) -m grpo_fast.train $(ARGS)
+
+bench: setup
+	$(PY) -m pytest benchmarks/ --benchmark-only $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info
