@@ -1,0 +1,123 @@
+"""InternVL dynamic-resolution tiling over the C++ extension `grpo_fast._tiling` (its only importer).
+
+The extension resamples exactly as the installed Pillow's 8-bit BICUBIC `Image.resize` (fixed-point
+coefficients, uint8 rounding between the passes, Pillow's pass order) and writes the normalized float32 tiles
+straight into the output tensor, on native threads with the GIL released.
+"""
+
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+from PIL import Image
+
+from grpo_fast.vision.common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TiledImage,
+    candidate_grids,
+    check_grid_args,
+    check_norm,
+    to_rgb,
+)
+
+try:
+    from grpo_fast import _tiling
+except ImportError as err:  # pragma: no cover - only without a build
+    raise ImportError(
+        "grpo_fast._tiling (the C++ image tiler) is not built: run `pip install -e .` in the repository root "
+        "(needs g++ and CMake)"
+    ) from err
+
+
+def closest_grid(
+    width: int, height: int, tile_size: int = 448, min_tiles: int = 1, max_tiles: int = 12
+) -> tuple[int, int]:
+    """(cols, rows) whose aspect ratio is closest to width/height among min_tiles <= cols*rows <= max_tiles; on a tie
+    the larger grid wins when the image area exceeds half the grid's pixel area. Sizes in pixels."""
+    check_grid_args(width, height, tile_size, min_tiles, max_tiles)
+    return _tiling.closest_grid(int(width), int(height), int(tile_size), list(candidate_grids(min_tiles, max_tiles)))
+
+
+@lru_cache(maxsize=1)
+def vertical_first_rule() -> bool:
+    """Whether the installed Pillow runs the vertical pass first when the height shrinks much more than the width
+    (Pillow >= 13) or always starts horizontal (older Pillow): probed once on a small noise image."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 24, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(noise).resize((20, 8), Image.Resampling.BICUBIC))
+    for rule in (True, False):
+        if np.array_equal(_tiling.resize(noise, 20, 8, rule), expected):
+            return rule
+    raise RuntimeError(f"the installed Pillow ({Image.__version__}) resamples in a way grpo_fast does not know")
+
+
+def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] whose pixels are packed (row stride free): no copy for such numpy arrays."""
+    rgb = to_rgb(image)
+    array = np.asarray(rgb)
+    if array.strides[1:] != (3, 1):
+        array = np.ascontiguousarray(array)
+    return array
+
+
+def _prepare(image, tile_size, min_tiles, max_tiles, use_thumbnail) -> tuple[np.ndarray, tuple[int, int], torch.Tensor]:
+    """Input array, grid and the empty float32 [n, 3, tile, tile] output for one image."""
+    array = _as_array(image)
+    cols, rows = closest_grid(array.shape[1], array.shape[0], tile_size, min_tiles, max_tiles)
+    n = cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
+    return array, (cols, rows), torch.empty((n, 3, tile_size, tile_size), dtype=torch.float32)
+
+
+def _num_threads(num_threads: int | None) -> int:
+    if num_threads is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    return num_threads
+
+
+def dynamic_tile_batch(
+    images: Sequence[Image.Image | np.ndarray],
+    tile_size: int = 448,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    num_threads: int | None = None,
+) -> list[TiledImage]:
+    """Tile many images at once: the tiles of all images share one pool of `num_threads` native threads
+    (None: every core this process may use). Each result is as `dynamic_tile`'s."""
+    mean32, std32 = check_norm(mean, std)
+    threads = _num_threads(num_threads)
+    prepared = [_prepare(im, tile_size, min_tiles, max_tiles, use_thumbnail) for im in images]
+    _tiling.tile_batch(
+        [p[0] for p in prepared],
+        [p[1] for p in prepared],
+        [p[2].numpy() for p in prepared],
+        tile_size,
+        mean32,
+        std32,
+        vertical_first_rule(),
+        threads,
+    )
+    return [TiledImage(out, grid) for _, grid, out in prepared]
+
+
+def dynamic_tile(
+    image: Image.Image | np.ndarray,
+    tile_size: int = 448,
+    min_tiles: int = 1,
+    max_tiles: int = 12,
+    use_thumbnail: bool = True,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    num_threads: int | None = None,
+) -> TiledImage:
+    """Tile one PIL image (any mode, converted to RGB) or uint8 [H, W, 3] array (any strides).
+
+    Returns float32 `pixel_values [cols*rows (+1 thumbnail), 3, tile, tile]`, `(x/255 - mean) / std`, and the grid.
+    """
+    return dynamic_tile_batch([image], tile_size, min_tiles, max_tiles, use_thumbnail, mean, std, num_threads)[0]
