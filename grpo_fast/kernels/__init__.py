@@ -1,0 +1,22 @@
+"""The GRPO math: public ops, each with a Triton, a chunked PyTorch and a plain reference implementation.
+
+Dispatch (see `backend`): CUDA tensors -> Triton, CPU tensors -> chunked PyTorch;
+`GRPO_FAST_BACKEND=triton|torch|reference` forces one.
+"""
+
+from grpo_fast.kernels.advantages import group_advantages
+from grpo_fast.kernels.backend import resolve_backend, use_backend
+from grpo_fast.kernels.fused_linear import default_chunk_rows, fused_linear_grpo_loss, fused_linear_logprobs
+from grpo_fast.kernels.grpo_loss import grpo_loss
+from grpo_fast.kernels.selective_logprobs import selective_logprobs
+
+__all__ = [
+    "default_chunk_rows",
+    "fused_linear_grpo_loss",
+    "fused_linear_logprobs",
+    "group_advantages",
+    "grpo_loss",
+    "resolve_backend",
+    "selective_logprobs",
+    "use_backend",
+]

@@ -1,0 +1,60 @@
+"""Which implementation runs an op: chosen once, here.
+
+Rule: `GRPO_FAST_BACKEND=triton|torch|reference` (or the `use_backend` override, which tests use) wins;
+otherwise CUDA tensors run the Triton kernels and CPU tensors the chunked PyTorch path.
+Triton on CPU tensors works only under the interpreter (`TRITON_INTERPRET=1` set before `grpo_fast.kernels`
+is imported), which is how the test suite checks the kernels on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("triton", "torch", "reference")
+
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+_override: str | None = None
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force a backend inside the block (None: back to automatic choice)."""
+    global _override
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    previous, _override = _override, name
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend for tensors on `device`, after the override and `GRPO_FAST_BACKEND`."""
+    name = _override or os.environ.get("GRPO_FAST_BACKEND") or None
+    if name is None:
+        return "triton" if device.type == "cuda" else "torch"
+    if name not in BACKENDS:
+        raise ValueError(f"GRPO_FAST_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if name == "triton" and device.type == "cpu" and not TRITON_INTERPRET:
+        raise RuntimeError(
+            "the triton backend on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "importing grpo_fast (or use GRPO_FAST_BACKEND=torch, the fast CPU path)"
+        )
+    return name
+
+
+def row_ops(backend: str):
+    """The module with `row_stats` / `row_grad` for `backend` ("triton" or "torch")."""
+    if backend == "triton":
+        from grpo_fast.kernels import rowwise_triton
+
+        return rowwise_triton
+    from grpo_fast.kernels import rowwise_torch
+
+    return rowwise_torch
