@@ -1,0 +1,402 @@
+"""The rubric applied by an LLM over any OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, llama.cpp).
+
+Each completion costs two requests, as the rubric has two parts (DESIGN.md, "Rewards"): the strategy prompt
+(data type, question, answer -> `<score>1-4</score>`; no image) and the factual prompt (question, answer and
+the image as a base64 data URL -> `<verdict>PASS|FAIL</verdict>`). A batch is judged concurrently with at most
+`max_in_flight` requests open while the caller waits once; identical requests in a batch are sent once.
+
+Faults: every request has a timeout; timeouts, connection errors, 408/409/429 and 5xx are retried with
+exponential backoff and jitter (429 waits what Retry-After says); other 4xx (a wrong key, model or URL) raise
+`JudgeRequestError`, which stops the run rather than train on zeros. A reply without a valid score or verdict
+is asked once more, then the completion is unscorable (None -> advantage 0). A request still failing after
+`max_retries` makes its completion unscorable too, but a batch whose every request failed raises
+`JudgeUnavailableError`: the endpoint is down, and a run must not go on with no reward signal.
+
+Verdicts are cached in SQLite (`cache_path`) keyed by model, rendered prompt (template, level, question,
+answer) and image hash, so a resumed or repeated run does not pay twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import hashlib
+import io
+import json
+import logging
+import mimetypes
+import os
+import random
+import re
+import string
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from importlib import resources
+from typing import Any, Literal, Self
+
+import openai
+from openai.types.chat import ChatCompletion
+from openai.types.responses import Response
+from PIL import Image
+
+from grpo_fast.rewards.judge import Judgment
+from grpo_fast.rewards.judge_cache import JudgeCache, cache_key
+
+logger = logging.getLogger(__name__)
+
+LEVEL_WORDS = {"ambig": "ambiguous", "unambig": "unambiguous"}
+# Placeholders each template must use; `$level` is the data type in words ("ambiguous" / "unambiguous").
+TEMPLATE_FIELDS = {"strategy": {"level", "question", "answer"}, "factual": {"question", "answer"}}
+# Statuses worth retrying besides 5xx: request timeout, conflict (OpenAI's transient lock), rate limit.
+RETRYABLE_STATUS = {408, 409, 429}
+FATAL_HINTS = {
+    400: "the endpoint rejected the request: does the model take images, and this temperature (try None)?",
+    401: "the API key was rejected: check the key in {env}",
+    403: "the API key may not use this model",
+    404: "no such model or route: check --judge-model, and that --judge-base-url ends in /v1",
+}
+
+
+@dataclass
+class LLMJudgeConfig:
+    """Where and how to ask the judge. The trainer exposes each field as `--judge-<field>` (kebab case)."""
+
+    model: str = ""  # the judge model's name as the endpoint knows it; required
+    base_url: str | None = None  # e.g. http://localhost:8000/v1; None: OpenAI (or $OPENAI_BASE_URL)
+    api_key_env: str = "OPENAI_API_KEY"  # variable holding the key (any value for servers that ignore it)
+    api: Literal["chat", "responses"] = "chat"  # Chat Completions, or the Responses API
+    max_in_flight: int = 32  # requests open at once
+    timeout_s: float = 60.0  # per request
+    max_retries: int = 5  # re-sends of one request after transient errors
+    backoff_base_s: float = 0.5  # first backoff; doubles per retry, with jitter
+    backoff_max_s: float = 30.0  # cap on one backoff, Retry-After included
+    temperature: float | None = 0.0  # None: not sent (for models that accept only their default)
+    strategy_prompt: str | None = None  # template file overriding prompts/strategy.txt
+    factual_prompt: str | None = None  # template file overriding prompts/factual.txt
+    cache_path: str | None = None  # SQLite file for verdicts; None: no cache
+
+    def __post_init__(self) -> None:
+        if self.api not in ("chat", "responses"):
+            raise ValueError(f"judge api must be 'chat' or 'responses', got {self.api!r}")
+        for name in ("max_in_flight", "timeout_s", "backoff_max_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"judge {name} must be positive, got {getattr(self, name)!r}")
+        for name in ("max_retries", "backoff_base_s"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"judge {name} must be >= 0, got {getattr(self, name)!r}")
+
+
+class JudgeRequestError(RuntimeError):
+    """The endpoint refused a request for a reason retrying cannot fix (bad key, model, URL or request)."""
+
+
+class JudgeUnavailableError(RuntimeError):
+    """Every request of a batch failed after all retries: the endpoint is down or unreachable."""
+
+
+@dataclass
+class JudgeStats:
+    """Counters for one batch or a whole run, logged as metrics."""
+
+    completions: int = 0  # completions judged
+    cache_hits: int = 0  # verdicts read from the cache instead of asked
+    requests: int = 0  # HTTP requests sent, retries and re-asks included
+    retries: int = 0  # re-sends after a timeout, connection error, 408/409/429 or 5xx
+    failures: int = 0  # requests given up after max_retries
+    reasks: int = 0  # replies without a valid score or verdict, asked once more
+    unscorable: int = 0  # completions judged None
+
+    def add(self, other: JudgeStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_metrics(self, prefix: str = "judge/") -> dict[str, float]:
+        return {prefix + name: float(value) for name, value in asdict(self).items()}
+
+
+def parse_score(reply: str) -> int | None:
+    """The strategy score in the reply's last `<score>N</score>` tag (judges reason first); None unless N is 1-4."""
+    tags = re.findall(r"<score>\s*(\d+)\s*</score>", reply, flags=re.IGNORECASE)
+    return int(tags[-1]) if tags and tags[-1] in ("1", "2", "3", "4") else None
+
+
+def parse_verdict(reply: str) -> bool | None:
+    """True on PASS, False on FAIL, from the last `<verdict>` tag, else from a bare PASS or FAIL word.
+
+    Untagged replies count only when they say exactly one of the two words (in capitals, as the prompt asks);
+    "PASS ... not a FAIL" is ambiguous and gives None.
+    """
+    tags = re.findall(r"<verdict>\s*(PASS|FAIL)\s*</verdict>", reply, flags=re.IGNORECASE)
+    words = [tags[-1].upper()] if tags else set(re.findall(r"\b(PASS|FAIL)\b", reply))
+    return words.pop() == "PASS" if len(words) == 1 else None
+
+
+PARSERS = {"strategy": parse_score, "factual": parse_verdict}
+
+
+def load_template(kind: Literal["strategy", "factual"], path: str | None = None) -> string.Template:
+    """The prompt template for `kind`: the file at `path`, or the packaged default; placeholders checked."""
+    if path is None:
+        text = resources.files("grpo_fast.rewards").joinpath("prompts", f"{kind}.txt").read_text(encoding="utf-8")
+        source = f"default {kind} prompt"
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        source = f"{kind} prompt {path}"
+    template = string.Template(text)
+    if not template.is_valid():
+        raise ValueError(f"{source}: a '$' that starts no placeholder (write '$$' for a literal dollar sign)")
+    used, allowed = set(template.get_identifiers()), TEMPLATE_FIELDS["strategy"]
+    if used - allowed:
+        raise ValueError(f"{source}: unknown placeholders {sorted(used - allowed)}; allowed: {sorted(allowed)}")
+    if TEMPLATE_FIELDS[kind] - used:
+        raise ValueError(f"{source}: missing placeholders {sorted(TEMPLATE_FIELDS[kind] - used)}")
+    return template
+
+
+def image_data_url(image: str | os.PathLike[str] | Image.Image) -> tuple[str, str]:
+    """(base64 data URL, sha256 of the bytes) for an image file path or a PIL image (sent as PNG)."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data, mime = buffer.getvalue(), "image/png"
+    else:
+        mime = mimetypes.guess_type(os.fspath(image))[0]
+        if mime is None or not mime.startswith("image/"):
+            raise ValueError(f"image {os.fspath(image)!r} has no image file extension (.png, .jpg, .webp, ...)")
+        with open(image, "rb") as f:
+            data = f.read()
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}", hashlib.sha256(data).hexdigest()
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait from `retry-after-ms` or `Retry-After` (seconds or an HTTP date); None if absent."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            return max(float(value) * scale, 0.0)
+        except ValueError:
+            date = email.utils.parsedate_tz(value)
+            if date is not None:
+                return max(email.utils.mktime_tz(date) - time.time(), 0.0)
+    return None
+
+
+def backoff_s(retry: int, base_s: float, max_s: float) -> float:
+    """Exponential backoff with "equal jitter": half the doubled delay fixed, half uniform random."""
+    delay = min(base_s * 2**retry, max_s)
+    return delay / 2 + random.uniform(0, delay / 2)
+
+
+@dataclass(frozen=True)
+class _Request:
+    kind: Literal["strategy", "factual"]
+    key: str  # cache key: model, rendered prompt, image hash
+    prompt: str
+    image_url: str | None
+
+
+@dataclass(frozen=True)
+class _Failed:
+    reason: str
+
+
+class LLMJudge:
+    """A `Judge` that asks an OpenAI-compatible model; see the module docstring for the policy.
+
+    Synchronous like every judge: `judge()` runs the batch on an event loop the judge owns and returns once
+    every verdict is in. Call `close()` (or use `with`) to release the connections and the cache.
+    """
+
+    def __init__(self, config: LLMJudgeConfig) -> None:
+        if not config.model:
+            raise ValueError("the LLM judge needs a model name: pass --judge-model NAME")
+        api_key = os.environ.get(config.api_key_env)
+        if not api_key:
+            raise ValueError(
+                f"the LLM judge reads its API key from ${config.api_key_env}, which is unset or empty "
+                f"(for a local server that ignores keys, set it to any value, e.g. {config.api_key_env}=EMPTY)"
+            )
+        self.config = config
+        self.templates = {kind: load_template(kind, getattr(config, f"{kind}_prompt")) for kind in PARSERS}
+        self.cache = JudgeCache(config.cache_path) if config.cache_path else None
+        # max_retries=0: the retry policy is ours (Retry-After, no retry on 4xx, counted for metrics).
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key, base_url=config.base_url, timeout=config.timeout_s, max_retries=0
+        )
+        self._slots = asyncio.Semaphore(config.max_in_flight)
+        self._runner: asyncio.Runner | None = None
+        self.last_stats = JudgeStats()  # the latest batch
+        self.total_stats = JudgeStats()  # everything since construction
+
+    def judge(self, items: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[Judgment | None]:
+        """One Judgment per completion, or None where the judge's reply never parsed or the requests failed."""
+        if len(items) != len(completions):
+            raise ValueError(f"got {len(items)} items for {len(completions)} completions")
+        if self._runner is None:
+            self._runner = asyncio.Runner()
+        return self._runner.run(self._judge_batch(items, completions))
+
+    def metrics(self) -> dict[str, float]:
+        """The latest batch's counters as `judge/<name>` metrics."""
+        return self.last_stats.as_metrics()
+
+    def close(self) -> None:
+        if self._runner is not None:
+            self._runner.run(self._client.close())
+            self._runner.close()
+            self._runner = None
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _requests(self, items: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[tuple[_Request, ...]]:
+        """The (strategy, factual) request pair of each completion; each image is read once per batch."""
+        images: dict[Any, tuple[str, str]] = {}
+        pairs = []
+        for i, (item, completion) in enumerate(zip(items, completions)):
+            missing = {"question", "level", "image"} - item.keys()
+            if missing:
+                raise ValueError(f"item {i} lacks {sorted(missing)}")
+            if item["level"] not in LEVEL_WORDS:
+                raise ValueError(f"item {i}: level must be 'ambig' or 'unambig', got {item['level']!r}")
+            image_id = id(item["image"]) if isinstance(item["image"], Image.Image) else os.fspath(item["image"])
+            if image_id not in images:
+                try:
+                    images[image_id] = image_data_url(item["image"])
+                except OSError as e:
+                    raise ValueError(f"item {i}: cannot read its image: {e}") from e
+            image_url, image_hash = images[image_id]
+            fields_ = {"level": LEVEL_WORDS[item["level"]], "question": item["question"], "answer": completion}
+            pair = []
+            for kind, template in self.templates.items():
+                prompt = template.substitute(fields_)
+                url = image_url if kind == "factual" else None
+                key = cache_key(self.config.model, prompt, image_hash if url else "")
+                pair.append(_Request(kind, key, prompt, url))
+            pairs.append(tuple(pair))
+        return pairs
+
+    async def _judge_batch(self, items: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[Judgment | None]:
+        pairs = self._requests(items, completions)
+        stats = self.last_stats = JudgeStats(completions=len(completions))
+        try:
+            verdicts = await self._verdicts({request.key: request for pair in pairs for request in pair}, stats)
+        finally:
+            self.total_stats.add(stats)
+        judgments = []
+        for strategy, factual in pairs:
+            score, passed = verdicts.get(strategy.key), verdicts.get(factual.key)
+            judgments.append(None if score is None or passed is None else Judgment(score, passed))
+        stats.unscorable = judgments.count(None)
+        self.total_stats.unscorable += stats.unscorable
+        return judgments
+
+    async def _verdicts(self, requests: dict[str, _Request], stats: JudgeStats) -> dict[str, int | bool]:
+        """Parsed verdicts by request key, from the cache or asked concurrently; unscorable keys left out."""
+        cached = self.cache.get_many(requests) if self.cache else {}
+        verdicts: dict[str, int | bool] = {key: json.loads(value) for key, value in cached.items()}
+        stats.cache_hits = len(verdicts)
+        pending = [request for key, request in requests.items() if key not in verdicts]
+        tasks = [asyncio.create_task(self._ask(request, stats)) for request in pending]
+        try:
+            answers = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:  # a fatal error (or Ctrl-C): stop the rest of the batch before raising
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        failed = [answer for answer in answers if isinstance(answer, _Failed)]
+        if pending and len(failed) == len(pending):
+            raise JudgeUnavailableError(
+                f"all {len(pending)} judge requests failed after {self.config.max_retries} retries "
+                f"(last: {failed[-1].reason}); is {self.config.base_url or 'the OpenAI API'} reachable?"
+            )
+        fresh = {r.key: answer for r, answer in zip(pending, answers) if not isinstance(answer, _Failed | None)}
+        if self.cache is not None:
+            self.cache.put_many({key: json.dumps(value) for key, value in fresh.items()})
+        return verdicts | fresh
+
+    async def _ask(self, request: _Request, stats: JudgeStats) -> int | bool | None | _Failed:
+        """The parsed verdict; None if the reply did not parse twice; _Failed if the requests kept failing."""
+        for attempt in range(2):
+            reply = await self._send_with_retries(request, stats)
+            if isinstance(reply, _Failed):
+                return reply
+            verdict = PARSERS[request.kind](reply)
+            if verdict is not None:
+                return verdict
+            if attempt == 0:
+                stats.reasks += 1
+                logger.debug("unparseable %s reply %r: asking again", request.kind, reply[:200])
+        logger.warning("judge reply without a valid %s twice (last %r): unscorable", request.kind, reply[:200])
+        return None
+
+    async def _send_with_retries(self, request: _Request, stats: JudgeStats) -> str | _Failed:
+        cfg = self.config
+        retry = 0
+        while True:
+            try:
+                async with self._slots:
+                    stats.requests += 1
+                    return await self._send(request)
+            except openai.APIConnectionError as e:  # timeouts included (APITimeoutError is a subclass)
+                reason, after = f"{type(e).__name__}: {e}", None
+            except openai.APIStatusError as e:
+                if e.status_code not in RETRYABLE_STATUS and e.status_code < 500:
+                    raise self._fatal(e) from e
+                reason = f"HTTP {e.status_code}: {e.message}"
+                after = retry_after_s(e.response.headers) if e.status_code == 429 else None
+            if retry == cfg.max_retries:
+                stats.failures += 1
+                logger.warning("judge request failed after %d retries: %s", cfg.max_retries, reason)
+                return _Failed(reason)
+            delay = backoff_s(retry, cfg.backoff_base_s, cfg.backoff_max_s) if after is None else after
+            retry += 1
+            stats.retries += 1
+            logger.debug("judge request retry %d in %.2f s after %s", retry, delay, reason)
+            await asyncio.sleep(min(delay, cfg.backoff_max_s))
+
+    async def _send(self, request: _Request) -> str:
+        """One request through the configured API; the reply's text ("" if it has none).
+
+        The body is plain JSON built here, so it goes through the client's `post` (same auth, URL, timeout and
+        error types as `chat.completions.create`) without the typed-params transform, which walks every content
+        part and costs about a third of the client's CPU per request: what limits a 2-core trainer at 32+ in flight.
+        """
+        cfg = self.config
+        body: dict[str, Any] = {"model": cfg.model}
+        if cfg.temperature is not None:
+            body["temperature"] = cfg.temperature
+        if cfg.api == "responses":
+            content: Any = request.prompt
+            if request.image_url:
+                content = [{"type": "input_text", "text": request.prompt}]
+                content.append({"type": "input_image", "image_url": request.image_url})
+            body["input"] = [{"role": "user", "content": content}]
+            response = await self._client.post("/responses", body=body, cast_to=Response)
+            return response.output_text or ""
+        content = request.prompt  # text-only requests as a plain string: some local servers take nothing else
+        if request.image_url:
+            content = [{"type": "text", "text": request.prompt}]
+            content.append({"type": "image_url", "image_url": {"url": request.image_url}})
+        body["messages"] = [{"role": "user", "content": content}]
+        completion = await self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
+        return (completion.choices[0].message.content or "") if completion.choices else ""
+
+    def _fatal(self, error: openai.APIStatusError) -> JudgeRequestError:
+        hint = FATAL_HINTS.get(error.status_code, "").format(env="$" + self.config.api_key_env)
+        where = self.config.base_url or "the OpenAI API"
+        return JudgeRequestError(
+            f"LLM judge: HTTP {error.status_code} from {where} for model {self.config.model!r}: {error.message}"
+            + (f" -- {hint}" if hint else "")
+        )

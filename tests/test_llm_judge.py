@@ -1,0 +1,249 @@
+"""LLMJudge end to end: the real `openai` client against the scripted OpenAI-compatible stub on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import re
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from grpo_fast.rewards import JudgeReward, Judgment
+from grpo_fast.rewards.llm_judge import JudgeRequestError, JudgeUnavailableError, LLMJudge, LLMJudgeConfig
+from grpo_fast.rewards.stub_server import StubReply, StubRequest, StubServer
+
+
+def scripted(request: StubRequest) -> str:
+    """Replies from the answer under judgment: "s3-FAIL" scores strategy 3 and fails the factual check."""
+    score, verdict = re.search(r"Answer: s(\d)-(PASS|FAIL)", request.text).groups()
+    return f"<verdict>{verdict}</verdict>" if request.image_urls else f"Sounds right.\n<score>{score}</score>"
+
+
+class Flaky:
+    """Each distinct request first gets `failures` (in order), then `scripted`'s reply."""
+
+    def __init__(self, *failures: StubReply | str) -> None:
+        self.failures = failures
+        self.seen: Counter[str] = Counter()
+
+    def __call__(self, request: StubRequest) -> StubReply | str:
+        attempt = self.seen[request.text]
+        self.seen[request.text] += 1
+        return self.failures[attempt] if attempt < len(self.failures) else scripted(request)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (12, 8), (200, 30, 30)).save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+
+
+def items_for(image: Path, n: int, level: str = "ambig") -> list[dict]:
+    return [{"question": f"What colour is shape {i}?", "level": level, "image": str(image)} for i in range(n)]
+
+
+def judge_for(server: StubServer, **overrides) -> LLMJudge:
+    config = {"model": "judge-model", "base_url": server.url, "backoff_base_s": 0.01, "timeout_s": 5.0} | overrides
+    return LLMJudge(LLMJudgeConfig(**config))
+
+
+@pytest.mark.parametrize("api, route", [("chat", "/v1/chat/completions"), ("responses", "/v1/responses")])
+def test_scripted_scores_give_the_rubric_rewards(image: Path, api: str, route: str) -> None:
+    completions = ["s1-PASS", "s2-PASS", "s3-FAIL", "s4-PASS", "s4-FAIL", "s1-FAIL"]
+    with StubServer(scripted) as server, judge_for(server, api=api) as judge:
+        reward = JudgeReward(judge)
+        items = items_for(image, len(completions))
+        columns = {key: [item[key] for item in items] for key in items[0]}
+        rewards = reward([None] * len(completions), completions, **columns)
+    # 1 -> 0.0; 2 -> 0.6; 3 - 0.3 -> 0.5; 4 -> 1.0; 4 - 0.3 -> 0.7; 1 - 0.3 clamped at 0.0
+    assert rewards == pytest.approx([0.0, 0.6, 0.5, 1.0, 0.7, 0.0])
+    assert {r.path for r in server.requests} == {route}
+    assert judge.last_stats.requests == 12 and judge.last_stats.unscorable == 0
+
+
+def test_the_image_arrives_with_the_factual_prompt_only(image: Path) -> None:
+    with StubServer(scripted) as server, judge_for(server) as judge:
+        assert judge.judge(items_for(image, 1, level="unambig"), ["s4-PASS"]) == [Judgment(4, True)]
+    factual = [r for r in server.requests if r.image_urls]
+    strategy = [r for r in server.requests if not r.image_urls]
+    assert len(factual) == len(strategy) == 1
+    prefix, payload = factual[0].image_urls[0].split(",", 1)
+    assert prefix == "data:image/png;base64"
+    assert base64.b64decode(payload) == image.read_bytes()
+    for request in (factual[0], strategy[0]):
+        assert "What colour is shape 0?" in request.text and "s4-PASS" in request.text
+        assert request.body["model"] == "judge-model"
+    assert "Data type: unambiguous" in strategy[0].text
+
+
+def test_a_batch_is_judged_concurrently(image: Path) -> None:
+    # 64 completions = 128 requests of 100 ms: 12.8 s one at a time, 0.4 s with 32 in flight.
+    with StubServer(scripted, latency_s=0.1) as server, judge_for(server, max_in_flight=32) as judge:
+        start = time.perf_counter()
+        judgments = judge.judge(items_for(image, 64), [f"s{1 + i % 4}-PASS" for i in range(64)])
+        elapsed = time.perf_counter() - start
+    assert [j.strategy for j in judgments] == [1 + i % 4 for i in range(64)]
+    assert elapsed < 3.2, f"64 completions took {elapsed:.2f} s: requests did not overlap"
+    assert 16 <= server.peak_in_flight <= 32
+
+
+def test_requests_in_flight_never_exceed_the_limit(image: Path) -> None:
+    with StubServer(scripted, latency_s=0.05) as server, judge_for(server, max_in_flight=3) as judge:
+        judge.judge(items_for(image, 12), ["s2-PASS"] * 12)
+    assert len(server.requests) == 24
+    assert 2 <= server.peak_in_flight <= 3
+
+
+def test_identical_requests_are_sent_once(image: Path) -> None:
+    item = items_for(image, 1)[0]
+    with StubServer(scripted) as server, judge_for(server) as judge:
+        judgments = judge.judge([item] * 4, ["s3-PASS"] * 3 + ["s2-PASS"])
+    assert judgments == [Judgment(3, True)] * 3 + [Judgment(2, True)]
+    assert len(server.requests) == 4  # (strategy, factual) x 2 distinct completions
+
+
+@pytest.mark.parametrize("status", [500, 503, 408])
+def test_transient_status_is_retried(image: Path, status: int) -> None:
+    with StubServer(Flaky(StubReply(status=status), StubReply(status=502))) as server, judge_for(server) as judge:
+        assert judge.judge(items_for(image, 1), ["s3-PASS"]) == [Judgment(3, True)]
+    assert judge.last_stats.retries == 4 and judge.last_stats.requests == 6 and judge.last_stats.failures == 0
+
+
+def test_429_waits_for_retry_after(image: Path) -> None:
+    rate_limited = StubReply("slow down", status=429, headers={"Retry-After": "0.5"})
+    with StubServer(Flaky(rate_limited)) as server, judge_for(server, backoff_base_s=0.001) as judge:
+        assert judge.judge(items_for(image, 1), ["s4-FAIL"]) == [Judgment(4, False)]
+    by_prompt: dict[str, list[float]] = {}
+    for request in server.requests:
+        by_prompt.setdefault(request.text, []).append(request.arrived)
+    gaps = [later - first for first, later in by_prompt.values()]
+    assert len(gaps) == 2 and min(gaps) >= 0.45, gaps  # the backoff alone would wait about 1 ms
+    assert judge.last_stats.retries == 2
+
+
+def test_timeouts_are_retried(image: Path) -> None:
+    hang = StubReply(delay_s=5.0)
+    with StubServer(Flaky(hang)) as server, judge_for(server, timeout_s=0.3) as judge:
+        start = time.perf_counter()
+        assert judge.judge(items_for(image, 1), ["s2-PASS"]) == [Judgment(2, True)]
+        assert time.perf_counter() - start < 3.0
+    assert judge.last_stats.retries == 2 and len(server.requests) == 4
+
+
+def test_a_request_that_keeps_failing_makes_its_completion_unscorable(image: Path) -> None:
+    def reply(request: StubRequest) -> StubReply | str:
+        return StubReply(status=503) if "s1-FAIL" in request.text else scripted(request)
+
+    with StubServer(reply) as server, judge_for(server, max_retries=2) as judge:
+        judgments = judge.judge(items_for(image, 3), ["s4-PASS", "s1-FAIL", "s3-PASS"])
+    assert judgments == [Judgment(4, True), None, Judgment(3, True)]
+    stats = judge.last_stats
+    assert (stats.failures, stats.retries, stats.unscorable) == (2, 4, 1)
+    assert sum("s1-FAIL" in r.text for r in server.requests) == 6  # 2 prompts x (1 try + 2 retries)
+
+
+def test_an_unreachable_endpoint_stops_the_run(image: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = LLMJudgeConfig(model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=2, backoff_base_s=0.01)
+    with LLMJudge(config) as judge, pytest.raises(JudgeUnavailableError, match=f"127.0.0.1:{port}"):
+        judge.judge(items_for(image, 2), ["s1-PASS", "s2-PASS"])
+    assert (judge.last_stats.failures, judge.last_stats.retries) == (4, 8)
+
+
+def test_garbage_is_asked_again_once_then_unscorable_never_scored_1(image: Path) -> None:
+    def reply(request: StubRequest) -> str:
+        if "garbage" in request.text:  # out-of-range score; a verdict that is neither PASS nor FAIL
+            return "<verdict>MAYBE</verdict>" if request.image_urls else "<score>7</score>"
+        return scripted(request)
+
+    flaky_once = Flaky("The answer looks fine to me.")  # no score and no verdict, then a good reply
+    with StubServer(lambda r: reply(r) if "garbage" in r.text else flaky_once(r)) as server, judge_for(server) as judge:
+        judgments = judge.judge(items_for(image, 2), ["s4-PASS", "garbage"])
+    assert judgments == [Judgment(4, True), None]
+    stats = judge.last_stats
+    assert (stats.reasks, stats.unscorable, stats.failures) == (4, 1, 0)  # 2 prompts x 2 completions re-asked
+    assert sum("garbage" in r.text for r in server.requests) == 4  # each prompt asked exactly twice
+
+
+@pytest.mark.parametrize(
+    "status, hint", [(400, "images"), (401, "$OPENAI_API_KEY"), (403, "may not use"), (404, "--judge-model")]
+)
+def test_client_errors_stop_the_run_without_retry(image: Path, status: int, hint: str) -> None:
+    refuse = StubServer(lambda r: StubReply("no way", status=status))
+    with refuse as server, judge_for(server) as judge, pytest.raises(JudgeRequestError) as error:
+        judge.judge(items_for(image, 3), ["s1-PASS", "s2-PASS", "s3-PASS"])
+    message = str(error.value)
+    assert f"HTTP {status}" in message and "judge-model" in message and hint in message and "no way" in message
+    assert judge.last_stats.retries == 0
+    assert max(Counter(r.text for r in server.requests).values()) == 1
+
+
+def test_the_cache_answers_a_rerun(image: Path, tmp_path: Path) -> None:
+    cache = str(tmp_path / "judge.sqlite")
+    items, completions = items_for(image, 5), ["s1-PASS", "s2-FAIL", "s3-PASS", "s4-PASS", "s4-FAIL"]
+    with StubServer(scripted) as server:
+        with judge_for(server, cache_path=cache) as judge:
+            first = judge.judge(items, completions)
+        assert len(server.requests) == 10
+        with judge_for(server, cache_path=cache) as judge:  # a resumed run: nothing is asked again
+            assert judge.judge(items, completions) == first
+            assert (judge.last_stats.cache_hits, judge.last_stats.requests) == (10, 0)
+        with judge_for(server, cache_path=cache, model="another-judge") as judge:
+            judge.judge(items, completions)
+            assert (judge.last_stats.cache_hits, judge.last_stats.requests) == (0, 10)
+        template = tmp_path / "strategy.txt"
+        template.write_text("Type: $level\nQuestion: $question\nAnswer: $answer\nReply <score>N</score>.")
+        with judge_for(server, cache_path=cache, strategy_prompt=str(template)) as judge:
+            assert judge.judge(items, completions) == first
+            assert (judge.last_stats.cache_hits, judge.last_stats.requests) == (5, 5)  # factual prompts cached
+        assert sum("Type: ambiguous" in r.text for r in server.requests) == 5
+
+
+def test_unscorable_verdicts_are_not_cached(image: Path, tmp_path: Path) -> None:
+    cache = str(tmp_path / "judge.sqlite")
+    with StubServer(lambda r: "no idea") as server:
+        for _ in range(2):
+            with judge_for(server, cache_path=cache) as judge:
+                assert judge.judge(items_for(image, 1), ["s1-PASS"]) == [None]
+                assert judge.last_stats.cache_hits == 0
+    assert len(server.requests) == 8  # 2 runs x 2 prompts x 2 asks
+
+
+def test_counters_accumulate_over_batches(image: Path) -> None:
+    with StubServer(scripted) as server, judge_for(server) as judge:
+        judge.judge(items_for(image, 2), ["s1-PASS", "s2-PASS"])
+        judge.judge(items_for(image, 3), ["s3-PASS", "s4-PASS", "s4-FAIL"])
+    assert judge.metrics()["judge/completions"] == 3 and judge.metrics()["judge/requests"] == 6
+    assert judge.total_stats.completions == 5 and judge.total_stats.requests == 10
+
+
+def test_bad_items_name_the_problem(image: Path) -> None:
+    with StubServer(scripted) as server, judge_for(server) as judge:
+        with pytest.raises(ValueError, match="item 1: level must be 'ambig' or 'unambig', got 'vague'"):
+            judge.judge([items_for(image, 1)[0], {**items_for(image, 1)[0], "level": "vague"}], ["a", "b"])
+        with pytest.raises(ValueError, match="item 0: cannot read its image.*missing.png"):
+            judge.judge([{**items_for(image, 1)[0], "image": str(image.parent / "missing.png")}], ["a"])
+        with pytest.raises(ValueError, match=r"item 0 lacks \['image'\]"):
+            judge.judge([{"question": "q", "level": "ambig"}], ["a"])
+        with pytest.raises(ValueError, match="2 items for 1 completions"):
+            judge.judge(items_for(image, 2), ["a"])
+    assert server.requests == []
+
+
+def test_stub_server_stops_by_itself() -> None:
+    server = StubServer(lifetime_s=0.2).start()
+    assert server.wait(timeout_s=5.0)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(server.url.split(":")[2].split("/")[0])), timeout=1.0)
