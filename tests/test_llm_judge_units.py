@@ -34,6 +34,7 @@ from grpo_fast.rewards.llm_judge import (
         ("Score: 4", None),  # no tag: a naive parser would pick up the digit, or default to 1
         ("", None),
         ("<score>four</score>", None),
+        ("<score>3</score> ... <score>4 or 5</score>", None),  # the last tag decides, and it is not a score
     ],
 )
 def test_parse_score(reply: str, score: int | None) -> None:
@@ -51,6 +52,7 @@ def test_parse_score(reply: str, score: int | None) -> None:
         ("PASS, though a strict grader might FAIL it", None),  # both words and no tag
         ("pass", None),  # bare words count only in capitals, as the prompt asks
         ("<verdict>MAYBE</verdict>", None),
+        ("It does not PASS. <verdict>unsure</verdict>", None),  # a tag, even a bad one, beats bare words
         ("COMPASS", None),
         ("", None),
     ],

@@ -117,20 +117,20 @@ class JudgeStats:
 
 
 def parse_score(reply: str) -> int | None:
-    """The strategy score in the reply's last `<score>N</score>` tag (judges reason first); None unless N is 1-4."""
-    tags = re.findall(r"<score>\s*(\d+)\s*</score>", reply, flags=re.IGNORECASE)
+    """The strategy score in the reply's last `<score>` tag (judges reason first); None unless it holds 1-4."""
+    tags = re.findall(r"<score>\s*(.*?)\s*</score>", reply, flags=re.IGNORECASE | re.DOTALL)
     return int(tags[-1]) if tags and tags[-1] in ("1", "2", "3", "4") else None
 
 
 def parse_verdict(reply: str) -> bool | None:
-    """True on PASS, False on FAIL, from the last `<verdict>` tag, else from a bare PASS or FAIL word.
+    """True on PASS, False on FAIL: from the last `<verdict>` tag if there is one, else from a bare word.
 
-    Untagged replies count only when they say exactly one of the two words (in capitals, as the prompt asks);
-    "PASS ... not a FAIL" is ambiguous and gives None.
+    A tag that holds neither word gives None. Untagged replies count only when they say exactly one of PASS and
+    FAIL, in capitals: "PASS, though a strict grader might FAIL it" gives None.
     """
-    tags = re.findall(r"<verdict>\s*(PASS|FAIL)\s*</verdict>", reply, flags=re.IGNORECASE)
-    words = [tags[-1].upper()] if tags else set(re.findall(r"\b(PASS|FAIL)\b", reply))
-    return words.pop() == "PASS" if len(words) == 1 else None
+    tags = re.findall(r"<verdict>\s*(.*?)\s*</verdict>", reply, flags=re.IGNORECASE | re.DOTALL)
+    words = {tags[-1].upper()} if tags else set(re.findall(r"\b(PASS|FAIL)\b", reply))
+    return {"PASS": True, "FAIL": False}.get(words.pop()) if len(words) == 1 else None
 
 
 PARSERS = {"strategy": parse_score, "factual": parse_verdict}
@@ -273,13 +273,13 @@ class LLMJudge:
             if image_id not in images:
                 try:
                     images[image_id] = image_data_url(item["image"])
-                except OSError as e:
+                except (OSError, ValueError) as e:
                     raise ValueError(f"item {i}: cannot read its image: {e}") from e
             image_url, image_hash = images[image_id]
-            fields_ = {"level": LEVEL_WORDS[item["level"]], "question": item["question"], "answer": completion}
+            values = {"level": LEVEL_WORDS[item["level"]], "question": item["question"], "answer": completion}
             pair = []
             for kind, template in self.templates.items():
-                prompt = template.substitute(fields_)
+                prompt = template.substitute(values)
                 url = image_url if kind == "factual" else None
                 key = cache_key(self.config.model, prompt, image_hash if url else "")
                 pair.append(_Request(kind, key, prompt, url))
@@ -371,7 +371,7 @@ class LLMJudge:
 
         The body is plain JSON built here, so it goes through the client's `post` (same auth, URL, timeout and
         error types as `chat.completions.create`) without the typed-params transform, which walks every content
-        part and costs about a third of the client's CPU per request: what limits a 2-core trainer at 32+ in flight.
+        part: about 30% of the client's CPU per request, which bounds throughput against a fast local endpoint.
         """
         cfg = self.config
         body: dict[str, Any] = {"model": cfg.model}
