@@ -17,7 +17,6 @@ from grpo_fast.vision.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TiledImage,
-    candidate_grids,
     check_grid_args,
     check_norm,
     to_rgb,
@@ -38,7 +37,7 @@ def closest_grid(
     """(cols, rows) whose aspect ratio is closest to width/height among min_tiles <= cols*rows <= max_tiles; on a tie
     the larger grid wins when the image area exceeds half the grid's pixel area. Sizes in pixels."""
     check_grid_args(width, height, tile_size, min_tiles, max_tiles)
-    return _tiling.closest_grid(int(width), int(height), int(tile_size), list(candidate_grids(min_tiles, max_tiles)))
+    return _tiling.closest_grid(int(width), int(height), int(tile_size), int(min_tiles), int(max_tiles))
 
 
 @lru_cache(maxsize=1)
@@ -51,6 +50,17 @@ def vertical_first_rule() -> bool:
         if np.array_equal(_tiling.resize(noise, 20, 8, rule), expected):
             return rule
     raise RuntimeError(f"the installed Pillow ({Image.__version__}) resamples in a way grpo_fast does not know")
+
+
+def pillow_resize(image: Image.Image | np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 [height, width, 3]: the C++ resampler alone, equal to `image.convert("RGB").resize((width, height),
+    Image.Resampling.BICUBIC)` of the installed Pillow."""
+    return _tiling.resize(_as_array(image), int(width), int(height), vertical_first_rule())
+
+
+def allow_simd(allowed: bool) -> None:
+    """Testing hook: False makes later calls run the portable scalar kernels instead of the AVX2 ones."""
+    _tiling.allow_simd(bool(allowed))
 
 
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:

@@ -1,0 +1,159 @@
+// pybind11 bindings of the tiler: sizes, dtypes and strides are checked here, before any work.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "tiler.h"
+
+namespace py = pybind11;
+using grpo_fast::AxisPlan;
+using grpo_fast::ImageView;
+using grpo_fast::Job;
+using grpo_fast::Sink;
+
+namespace {
+
+#define CHECK_ARG(cond, msg)                        \
+  do {                                              \
+    if (!(cond)) throw py::value_error(std::string(msg)); \
+  } while (0)
+
+std::string shape_str(const py::array& a) {
+  std::string s = "[";
+  for (py::ssize_t d = 0; d < a.ndim(); ++d) s += (d ? ", " : "") + std::to_string(a.shape(d));
+  return s + "]";
+}
+
+// A uint8 [H, W, 3] array with packed pixels (strides (any, 3, 1)) as an ImageView.
+ImageView image_view(const py::array& a, const std::string& what) {
+  CHECK_ARG(a.dtype().is(py::dtype::of<uint8_t>()), what + " must be uint8, got " + std::string(py::str(a.dtype())));
+  CHECK_ARG(a.ndim() == 3 && a.shape(2) == 3, what + " must have shape [H, W, 3], got " + shape_str(a));
+  CHECK_ARG(a.shape(0) > 0 && a.shape(1) > 0, what + " has zero size: " + shape_str(a));
+  CHECK_ARG(a.shape(0) < (1 << 30) && a.shape(1) < (1 << 30), what + " is too large: " + shape_str(a));
+  CHECK_ARG(a.strides(1) == 3 && a.strides(2) == 1, what + " must have packed RGB pixels (strides [*, 3, 1])");
+  return ImageView{static_cast<const uint8_t*>(a.data()), static_cast<int>(a.shape(1)), static_cast<int>(a.shape(0)),
+                   static_cast<ptrdiff_t>(a.strides(0))};
+}
+
+void check_size(long long v, const char* name) {
+  CHECK_ARG(v >= 1 && v < (1 << 24), std::string(name) + " must be in [1, 2**24), got " + std::to_string(v));
+}
+
+std::tuple<int, int> closest_grid(long long width, long long height, long long tile_size, long long min_tiles,
+                                  long long max_tiles) {
+  CHECK_ARG(width >= 1 && height >= 1,
+            "image has zero size: " + std::to_string(width) + "x" + std::to_string(height) + " (width x height)");
+  check_size(tile_size, "tile_size");
+  check_size(min_tiles, "min_tiles");
+  check_size(max_tiles, "max_tiles");
+  CHECK_ARG(min_tiles <= max_tiles, "min_tiles (" + std::to_string(min_tiles) + ") must be <= max_tiles (" +
+                                        std::to_string(max_tiles) + ")");
+  CHECK_ARG(width < (1LL << 31) && height < (1LL << 31), "image size must fit int32");
+  const auto g = grpo_fast::closest_grid(static_cast<int>(width), static_cast<int>(height), static_cast<int>(tile_size),
+                                         static_cast<int>(min_tiles), static_cast<int>(max_tiles));
+  return {g.first, g.second};
+}
+
+py::array_t<uint8_t> resize(const py::array& image, int width, int height, bool vertical_first_rule) {
+  const ImageView view = image_view(image, "image");
+  check_size(width, "width");
+  check_size(height, "height");
+  py::array_t<uint8_t> out({height, width, 3});
+  const AxisPlan px = grpo_fast::make_plan(view.width, width), py_ = grpo_fast::make_plan(view.height, height);
+  Job job{&view, &px, &py_, 0, 0,
+          grpo_fast::vertical_first(view.width, view.height, width, height, vertical_first_rule), Sink{}};
+  job.sink.pixels = out.mutable_data();
+  job.sink.width = width;
+  job.sink.height = height;
+  {
+    py::gil_scoped_release release;
+    grpo_fast::run_jobs({job}, 1);
+  }
+  return out;
+}
+
+void tile_batch(const std::vector<py::array>& images, const std::vector<std::tuple<int, int>>& grids,
+                const std::vector<py::array>& outputs, int tile_size, const std::vector<float>& mean,
+                const std::vector<float>& std_, bool vertical_first_rule, int num_threads) {
+  CHECK_ARG(images.size() == grids.size() && images.size() == outputs.size(),
+            "images, grids and outputs must have the same length");
+  check_size(tile_size, "tile_size");
+  CHECK_ARG(num_threads >= 1, "num_threads must be >= 1, got " + std::to_string(num_threads));
+  CHECK_ARG(mean.size() == 3 && std_.size() == 3, "mean and std must have 3 values");
+  for (int c = 0; c < 3; ++c) {
+    CHECK_ARG(std::isfinite(mean[c]) && std::isfinite(std_[c]), "mean and std must be finite");
+    CHECK_ARG(std_[c] != 0.0f, "std must be non-zero");
+  }
+  const size_t n_images = images.size();
+  std::vector<ImageView> views(n_images);
+  // Plans per image: [0] canvas x, [1] canvas y, [2] thumbnail x, [3] thumbnail y. unique_ptr keeps addresses.
+  std::vector<std::unique_ptr<AxisPlan[]>> plans(n_images);
+  std::vector<Job> jobs;
+  const size_t tile_floats = static_cast<size_t>(3) * tile_size * tile_size;
+  for (size_t i = 0; i < n_images; ++i) {
+    const std::string name = "images[" + std::to_string(i) + "]";
+    views[i] = image_view(images[i], name);
+    const auto [cols, rows] = grids[i];
+    CHECK_ARG(cols >= 1 && rows >= 1 && static_cast<long long>(cols) * tile_size < (1 << 30) &&
+                  static_cast<long long>(rows) * tile_size < (1 << 30),
+              "grids[" + std::to_string(i) + "] is not a usable (cols, rows)");
+    const py::array& out = outputs[i];
+    const long long n_grid = static_cast<long long>(cols) * rows;
+    CHECK_ARG(out.dtype().is(py::dtype::of<float>()), "outputs[" + std::to_string(i) + "] must be float32");
+    CHECK_ARG(out.ndim() == 4 && (out.shape(0) == n_grid || (n_grid > 1 && out.shape(0) == n_grid + 1)) &&
+                  out.shape(1) == 3 && out.shape(2) == tile_size && out.shape(3) == tile_size,
+              "outputs[" + std::to_string(i) + "] must have shape [cols*rows (+1 thumbnail), 3, tile, tile], got " +
+                  shape_str(out));
+    CHECK_ARG(out.flags() & py::array::c_style, "outputs[" + std::to_string(i) + "] must be C-contiguous");
+    CHECK_ARG(out.writeable(), "outputs[" + std::to_string(i) + "] must be writeable");
+    float* base = static_cast<float*>(const_cast<void*>(out.data()));
+    const ImageView& v = views[i];
+    plans[i].reset(new AxisPlan[4]);
+    AxisPlan* p = plans[i].get();
+    p[0] = grpo_fast::make_plan(v.width, cols * tile_size);
+    p[1] = grpo_fast::make_plan(v.height, rows * tile_size);
+    const bool vf = grpo_fast::vertical_first(v.width, v.height, cols * tile_size, rows * tile_size, vertical_first_rule);
+    Sink sink;
+    sink.width = sink.height = tile_size;
+    for (int c = 0; c < 3; ++c) sink.mean[c] = mean[c], sink.std[c] = std_[c];
+    for (long long t = 0; t < n_grid; ++t) {
+      sink.planes = base + t * tile_floats;
+      jobs.push_back(Job{&v, &p[0], &p[1], static_cast<int>(t % cols) * tile_size,
+                         static_cast<int>(t / cols) * tile_size, vf, sink});
+    }
+    if (out.shape(0) == n_grid + 1) {
+      p[2] = grpo_fast::make_plan(v.width, tile_size);
+      p[3] = grpo_fast::make_plan(v.height, tile_size);
+      sink.planes = base + n_grid * tile_floats;
+      jobs.push_back(Job{&v, &p[2], &p[3], 0, 0,
+                         grpo_fast::vertical_first(v.width, v.height, tile_size, tile_size, vertical_first_rule), sink});
+    }
+  }
+  py::gil_scoped_release release;
+  grpo_fast::run_jobs(jobs, num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_tiling, m) {
+  m.doc() = "C++ InternVL dynamic-resolution tiler: Pillow-exact 8-bit BICUBIC resampling fused with crop and normalize.";
+  m.def("closest_grid", &closest_grid, py::arg("width"), py::arg("height"), py::arg("tile_size"), py::arg("min_tiles"),
+        py::arg("max_tiles"),
+        "InternVL's (cols, rows) for a width x height image; candidates by tile count, then cols ascending.");
+  m.def("resize", &resize, py::arg("image"), py::arg("width"), py::arg("height"), py::arg("vertical_first_rule"),
+        "Pillow-exact BICUBIC resize of a uint8 [H, W, 3] array (strides [*, 3, 1]) to uint8 [height, width, 3].\n"
+        "vertical_first_rule: use Pillow >= 13's pass order (vertical first when the height shrinks much more).");
+  m.def("allow_simd", &grpo_fast::allow_simd, py::arg("allowed"),
+        "Testing hook: False makes later calls use the portable scalar kernels instead of the AVX2 ones.");
+  m.def("tile_batch", &tile_batch, py::arg("images"), py::arg("grids"), py::arg("outputs"), py::arg("tile_size"),
+        py::arg("mean"), py::arg("std"), py::arg("vertical_first_rule"), py::arg("num_threads"),
+        "Fill outputs[i] (float32 [cols*rows (+1 thumbnail), 3, tile, tile]) with the normalized tiles of images[i]\n"
+        "(uint8 [H, W, 3]) on grids[i] = (cols, rows); a thumbnail is written when outputs[i] has one more tile.\n"
+        "Runs on num_threads native threads with the GIL released.");
+}

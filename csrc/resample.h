@@ -1,0 +1,155 @@
+// Pillow-exact separable 8-bit BICUBIC resampling: coefficients and the row kernels the tiler is built from.
+//
+// Pillow (src/libImaging/Resample.c) resizes an 8-bit image in two passes. Per axis it computes, for every
+// output index, a window [start, start + count) of input indices and bicubic weights (a = -0.5; support
+// 2 * max(1, in/out), i.e. antialiased when shrinking) in double, normalizes them to sum 1 and rounds them to
+// fixed point with PRECISION_BITS = 22. Each pass accumulates in int32 from 1 << 21 (rounding) and clips
+// `acc >> 22` to uint8, so the first pass's output is rounded to uint8 before the second pass reads it. We
+// reproduce that arithmetic bit for bit; only the loop order differs (for speed), never a sum.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace grpo_fast {
+
+constexpr int kPrecisionBits = 22;
+// A strip holds 8 rows side by side so that a horizontal pass vectorizes across rows: [x][row 8][channel 3].
+constexpr int kStripRows = 8;
+constexpr int kStripLanes = kStripRows * 3;
+
+// One axis of a resize: output index o reads inputs [start[o], start[o] + count[o]) with coef[o * ksize + j].
+struct AxisPlan {
+  int in_size = 0;
+  int out_size = 0;
+  int ksize = 0;
+  std::vector<int> start, count;
+  std::vector<int32_t> coef;  // [out_size, ksize], fixed point 1 << 22 == 1.0
+};
+
+inline double bicubic(double x) {
+  // Keys' cubic convolution with a = -0.5, written in Pillow's operation order (bit-identical doubles).
+  constexpr double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+
+inline AxisPlan make_plan(int in_size, int out_size) {
+  AxisPlan p;
+  p.in_size = in_size;
+  p.out_size = out_size;
+  // Pillow takes the box as float: (double)(in1 - in0) with in0 = 0.f, in1 = (float)in_size.
+  const double scale = static_cast<double>(static_cast<float>(in_size) - 0.0f) / out_size;
+  const double filterscale = scale < 1.0 ? 1.0 : scale;
+  const double support = 2.0 * filterscale;
+  p.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+  p.start.resize(out_size);
+  p.count.resize(out_size);
+  p.coef.assign(static_cast<size_t>(out_size) * p.ksize, 0);
+  std::vector<double> w(p.ksize);
+  for (int o = 0; o < out_size; ++o) {
+    const double center = (o + 0.5) * scale;
+    const double ss = 1.0 / filterscale;
+    const int lo = std::max(static_cast<int>(center - support + 0.5), 0);
+    const int n = std::min(static_cast<int>(center + support + 0.5), in_size) - lo;
+    double ww = 0.0;
+    for (int j = 0; j < n; ++j) {
+      w[j] = bicubic((j + lo - center + 0.5) * ss);
+      ww += w[j];
+    }
+    for (int j = 0; j < n; ++j) {
+      const double k = ww != 0.0 ? w[j] / ww : w[j];
+      p.coef[static_cast<size_t>(o) * p.ksize + j] =
+          static_cast<int32_t>(k < 0 ? -0.5 + k * (1 << kPrecisionBits) : 0.5 + k * (1 << kPrecisionBits));
+    }
+    p.start[o] = lo;
+    p.count[o] = n;
+  }
+  return p;
+}
+
+inline uint8_t clip8(int32_t acc) {
+  const int32_t v = acc >> kPrecisionBits;
+  return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// Packs 8 RGB rows (pixels [0, n) of each; `safe_tail`: the byte after pixel n-1 is readable) into a strip
+// [n][8][3]. 4-byte moves, rows ascending: each move's 4th byte lands in a slot written later (strip has
+// one byte of padding at the end).
+inline void pack_strip(const uint8_t* const* rows, int n, bool safe_tail, uint8_t* strip) {
+  const int fast = safe_tail ? n : n - 1;
+  for (int x = 0; x < fast; ++x)
+    for (int r = 0; r < kStripRows; ++r) std::memcpy(strip + x * kStripLanes + r * 3, rows[r] + x * 3, 4);
+  for (int x = std::max(fast, 0); x < n; ++x)
+    for (int r = 0; r < kStripRows; ++r) std::memcpy(strip + x * kStripLanes + r * 3, rows[r] + x * 3, 3);
+}
+
+// Unpacks a strip [n][8][3] into 8 RGB rows (row r at dst + r * row_stride, which has one byte of padding).
+inline void unpack_strip(const uint8_t* strip, int n, uint8_t* dst, size_t row_stride) {
+  for (int x = 0; x < n; ++x)
+    for (int r = 0; r < kStripRows; ++r) std::memcpy(dst + r * row_stride + x * 3, strip + x * kStripLanes + r * 3, 4);
+}
+
+// Scalar kernels: the portable path and the definition the AVX2 kernels (kernels_avx2.cpp) must equal.
+namespace scalar {
+
+// Vertical-style pass: dst[i] = clip8(sum_j rows[j][i] * k[j]) for i < len; vectorizes across i.
+inline void convolve_rows(const uint8_t* const* rows, const int32_t* k, int n, size_t len, uint8_t* dst) {
+  constexpr size_t kChunk = 32;  // 4 AVX2 int32 accumulators stay in registers across the taps
+  size_t i0 = 0;
+  for (; i0 + kChunk <= len; i0 += kChunk) {
+    int32_t acc[kChunk];
+    for (size_t i = 0; i < kChunk; ++i) acc[i] = 1 << (kPrecisionBits - 1);
+    for (int j = 0; j < n; ++j) {
+      const uint8_t* s = rows[j] + i0;
+      const int32_t kj = k[j];
+      for (size_t i = 0; i < kChunk; ++i) acc[i] += s[i] * kj;
+    }
+    for (size_t i = 0; i < kChunk; ++i) dst[i0 + i] = clip8(acc[i]);
+  }
+  for (; i0 < len; ++i0) {
+    int32_t acc = 1 << (kPrecisionBits - 1);
+    for (int j = 0; j < n; ++j) acc += rows[j][i0] * k[j];
+    dst[i0] = clip8(acc);
+  }
+}
+
+// Horizontal pass over a strip whose pixel 0 is input x = x0: outputs [o0, o0 + n_out) -> out [n_out][8][3]
+// (`out` has 8 bytes of padding: the AVX2 kernel stores 32 bytes per output).
+inline void convolve_strip(const uint8_t* strip, int x0, const AxisPlan& plan, int o0, int n_out, uint8_t* out) {
+  for (int o = 0; o < n_out; ++o) {
+    const int32_t* k = plan.coef.data() + static_cast<size_t>(o0 + o) * plan.ksize;
+    const uint8_t* s = strip + static_cast<size_t>(plan.start[o0 + o] - x0) * kStripLanes;
+    const int n = plan.count[o0 + o];
+    int32_t acc[kStripLanes];
+    for (int i = 0; i < kStripLanes; ++i) acc[i] = 1 << (kPrecisionBits - 1);
+    for (int j = 0; j < n; ++j) {
+      const int32_t kj = k[j];
+      for (int i = 0; i < kStripLanes; ++i) acc[i] += s[j * kStripLanes + i] * kj;
+    }
+    for (int i = 0; i < kStripLanes; ++i) out[o * kStripLanes + i] = clip8(acc[i]);
+  }
+}
+
+// Channel-planar float32 row from an RGB row: dst[c * plane + x] = (src[3x + c] / 255 - mean[c]) / std[c], the
+// same float32 operations as ToTensor + Normalize, so values match torch/numpy bit for bit.
+inline void normalize_row(const uint8_t* src, int n, const float* mean, const float* std, float* dst, size_t plane) {
+  for (int c = 0; c < 3; ++c)
+    for (int x = 0; x < n; ++x) dst[c * plane + x] = (static_cast<float>(src[3 * x + c]) / 255.0f - mean[c]) / std[c];
+}
+}  // namespace scalar
+
+// AVX2 versions of the three hot kernels (kernels_avx2.cpp), same signatures and results.
+namespace avx2 {
+void convolve_rows(const uint8_t* const* rows, const int32_t* k, int n, size_t len, uint8_t* dst);
+void convolve_strip(const uint8_t* strip, int x0, const AxisPlan& plan, int o0, int n_out, uint8_t* out);
+void normalize_row(const uint8_t* src, int n, const float* mean, const float* std, float* dst, size_t plane);
+}  // namespace avx2
+
+}  // namespace grpo_fast

@@ -1,0 +1,57 @@
+// Jobs of the tiler: each resamples one rectangle of one resized canvas and writes it to its sink.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "resample.h"
+
+namespace grpo_fast {
+
+// A uint8 RGB image: pixels packed (3 bytes each), rows `row_stride` bytes apart (may be negative).
+struct ImageView {
+  const uint8_t* data = nullptr;
+  int width = 0;
+  int height = 0;
+  ptrdiff_t row_stride = 0;
+  const uint8_t* row(int y) const { return data + static_cast<ptrdiff_t>(y) * row_stride; }
+};
+
+// Where a job's output rows go: float32 planes [3][height][width] normalized as (v / 255 - mean) / std
+// (`planes` set), or a uint8 [height][width][3] image (`pixels` set, for the Pillow-parity resize).
+struct Sink {
+  float* planes = nullptr;
+  uint8_t* pixels = nullptr;
+  int width = 0;
+  int height = 0;
+  float mean[3] = {0, 0, 0};
+  float std[3] = {1, 1, 1};
+};
+
+// Resample input `image` to a canvas of plan_x.out_size x plan_y.out_size and write its rectangle
+// [x0, x0 + sink.width) x [y0, y0 + sink.height) to `sink`, with Pillow's pass order.
+struct Job {
+  const ImageView* image;
+  const AxisPlan* plan_x;
+  const AxisPlan* plan_y;
+  int x0, y0;
+  bool vertical_first;
+  Sink sink;
+};
+
+// Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice the width's shrink
+// (`vertical_first_rule`); older Pillow always starts horizontally. Measured against Pillow, see tests.
+bool vertical_first(int in_w, int in_h, int out_w, int out_h, bool vertical_first_rule);
+
+// Testing hook: false makes later calls use the portable scalar kernels instead of AVX2.
+void allow_simd(bool allowed);
+
+// Runs `jobs` on `num_threads` native threads (the caller's included); rethrows the first failure.
+void run_jobs(const std::vector<Job>& jobs, int num_threads);
+
+// InternVL's grid choice; candidates by tile count, then cols ascending (transformers' GotOcr2 order).
+std::pair<int, int> closest_grid(int width, int height, int tile_size, int min_tiles, int max_tiles);
+
+}  // namespace grpo_fast
