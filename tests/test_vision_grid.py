@@ -18,7 +18,9 @@ def test_grid_matches_reference_on_random_sizes():
         assert closest_grid(width, height) == ref.closest_grid(width, height), (width, height)
 
 
-@pytest.mark.parametrize("min_tiles, max_tiles", [(a, b) for a, b in itertools.product(range(1, 13), repeat=2) if a <= b])
+@pytest.mark.parametrize(
+    "min_tiles, max_tiles", [(a, b) for a, b in itertools.product(range(1, 13), repeat=2) if a <= b]
+)
 def test_grid_matches_reference_for_every_tile_bound(min_tiles, max_tiles):
     rng = np.random.default_rng(min_tiles * 100 + max_tiles)
     sizes = SIZES + [tuple(int(v) for v in rng.integers(1, 3000, 2)) for _ in range(40)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grpo_fast.vision import IMAGENET_MEAN, IMAGENET_STD, dynamic_tile, dynamic_tile_batch
+from grpo_fast.vision import IMAGENET_STD, dynamic_tile, dynamic_tile_batch
 from grpo_fast.vision import reference as ref
 from grpo_fast.vision.tiling import allow_simd, pillow_resize
 
