@@ -14,23 +14,28 @@ from grpo_fast.kernels.checks import (
     check_fused_linear_args,
     check_grpo_args,
     check_rewards,
-    check_targets,
+    check_logits,
     grpo_defaults,
     loss_normalizer,
     require_float,
 )
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 -> fp32; fp32 and fp64 unchanged (tests use fp64 as the ground truth)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """`log_softmax(logits / temperature)[targets]`. `logits [..., V]`, `targets [...]` -> fp32 `[...]`."""
-    check_targets(targets, logits.shape[:-1], logits.shape[-1])
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    check_logits(logits, targets, temperature)
+    logp = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
     return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of `softmax(logits / temperature)` in nats. `logits [..., V]` -> fp32 `[...]`."""
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 
@@ -110,10 +115,10 @@ def grpo_loss(
     require_float("logp", logp)
     check_grpo_args(logp.shape, old_logp, ref_logp, advantages, mask, beta, loss_type, importance_sampling_level)
     epsilon_high = grpo_defaults(epsilon_low, epsilon_high)
-    mask = mask.float()
-    logp = logp.float()
-    old = logp.detach() if old_logp is None else old_logp.float()
-    adv = advantages.float().unsqueeze(1)  # [B, 1]
+    logp = _at_least_fp32(logp)
+    mask = mask.to(logp.dtype)
+    old = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+    adv = advantages.to(logp.dtype).unsqueeze(1)  # [B, 1]
 
     log_ratio = logp - old
     if importance_sampling_level == "sequence":
@@ -125,7 +130,7 @@ def grpo_loss(
     per_token = -torch.min(coef_1 * adv, coef_2 * adv)
     metrics: dict[str, torch.Tensor] = {}
     if ref_logp is not None:
-        diff = ref_logp.float() - logp
+        diff = ref_logp.to(logp.dtype) - logp
         kl = torch.exp(diff) - diff - 1  # k3 estimator, >= 0
         if beta != 0.0:
             per_token = per_token + beta * kl
@@ -135,8 +140,8 @@ def grpo_loss(
     norm = loss_normalizer(mask, loss_type, max_completion_length)  # [B, 1] or scalar
     loss = (per_token * mask / norm).sum()
 
-    low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).float()
-    high = ((coef_1 > 1 + epsilon_high) & (adv > 0)).float()
+    low = ((coef_1 < 1 - epsilon_low) & (adv < 0)).to(logp.dtype)
+    high = ((coef_1 > 1 + epsilon_high) & (adv > 0)).to(logp.dtype)
     for name, flag in (("low", low), ("high", high), ("region", torch.maximum(low, high))):
         if importance_sampling_level == "sequence":  # one value per sequence, as TRL logs it
             value = flag.mean()
@@ -144,7 +149,7 @@ def grpo_loss(
             value = (flag * mask).sum() / mask.sum().clamp(min=1.0)
         metrics[f"clip_ratio/{name}_mean"] = value.detach()
     if entropy is not None:
-        metrics["entropy"] = ((entropy.float() * mask).sum() / mask.sum().clamp(min=1.0)).detach()
+        metrics["entropy"] = ((entropy.to(logp.dtype) * mask).sum() / mask.sum().clamp(min=1.0)).detach()
     return loss, metrics
 
 
