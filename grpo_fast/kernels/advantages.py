@@ -38,8 +38,11 @@ def _group_advantages_kernel(
     r = tl.load(rewards_ptr + group * group_size + offs, mask=in_group, other=float("nan"))
     valid = r == r  # noqa: PLR0124 -- false only for NaN
     count = tl.sum(valid.to(tl.float32), axis=0)
-    mean = tl.sum(tl.where(valid, r, 0.0), axis=0) / tl.maximum(count, 1.0)
-    centered = tl.where(valid, r - mean, 0.0)
+    # statistics of r - shift, shift = the group's largest valid reward: exact zeros for an all-equal group,
+    # and no cancellation when rewards sit far from 0 (shifted-data variance)
+    shift = tl.max(tl.where(valid, r, -float("inf")), axis=0)
+    shifted = tl.where(valid, r - shift, 0.0)
+    centered = tl.where(valid, shifted - tl.sum(shifted, axis=0) / tl.maximum(count, 1.0), 0.0)
     adv = centered
     if SCALE == 1:
         var = tl.sum(centered * centered, axis=0) / tl.maximum(count - 1.0, 1.0)
@@ -54,9 +57,9 @@ def _batch_std(rewards: torch.Tensor) -> torch.Tensor:
     """Unbiased std of the valid rewards of the whole batch, 0 when fewer than two; a 1-element fp32 tensor."""
     valid = ~torch.isnan(rewards)
     count = valid.sum()
-    centered = torch.where(valid, rewards - torch.nanmean(rewards), 0.0)
+    centered = torch.where(valid, rewards.double() - torch.nanmean(rewards.double()), 0.0)
     var = centered.square().sum() / (count - 1).clamp(min=1)
-    return torch.where(count > 1, var.sqrt(), 0.0).reshape(1)
+    return torch.where(count > 1, var.sqrt(), 0.0).float().reshape(1)
 
 
 def _group_advantages_triton(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> torch.Tensor:

@@ -13,8 +13,8 @@ import torch
 from grpo_fast.kernels.checks import (
     check_fused_linear_args,
     check_grpo_args,
-    check_rewards,
     check_logits,
+    check_rewards,
     grpo_defaults,
     loss_normalizer,
     require_float,
@@ -71,7 +71,7 @@ def group_advantages(
     A NaN reward gets advantage 0 and is left out of every mean and std; a group (or batch) with fewer than two
     valid rewards has std 0.
     """
-    rewards = check_rewards(rewards, group_size, scale, weights)
+    rewards = check_rewards(rewards, group_size, scale, weights).double()  # fp64 statistics: exact for equal groups
     groups = rewards.view(-1, group_size)
     valid = ~torch.isnan(groups)
     mean = torch.nanmean(groups, dim=1, keepdim=True)
@@ -89,7 +89,7 @@ def group_advantages(
         advantages = centered / (unbiased_std(batch_centered, ~torch.isnan(rewards), dim=None) + eps)
     else:
         advantages = centered
-    return torch.where(valid, advantages, 0.0).view(-1)
+    return torch.where(valid, advantages, 0.0).view(-1).float()
 
 
 def grpo_loss(
