@@ -9,8 +9,9 @@ which gives it advantage 0 and leaves it out of its group's statistics).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 STRATEGY_REWARD = {1: 0.0, 2: 0.6, 3: 0.8, 4: 1.0}
 FACTUAL_FAIL_PENALTY = 0.3
