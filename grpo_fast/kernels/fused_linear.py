@@ -60,15 +60,17 @@ def _chunk_logits(
         yield start, end, logits
 
 
-def _accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`acc += a @ b` with `acc` fp32. bf16 products are not rounded to bf16 before the sum: on CUDA via addmm's
-    fp32 output, elsewhere by upcasting the operands (a rounding per chunk would bias the accumulated gradient)."""
+def _accumulate_mm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first: bool) -> None:
+    """`acc = a @ b` (first) or `acc += a @ b`, with `acc` fp32. bf16 products are not rounded to bf16 before the
+    sum: on CUDA via addmm's fp32 output, elsewhere by upcasting the operands (a rounding per chunk would bias the
+    accumulated gradient). beta = 0 on the first chunk spares zero-filling `acc`, a pass over [V, D]."""
+    beta = 0.0 if first else 1.0
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        acc.addmm_(a, b, beta=beta)
     elif acc.device.type == "cuda":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.addmm_(a.float(), b.float(), beta=beta)
 
 
 class _GradBuffers:
@@ -81,7 +83,8 @@ class _GradBuffers:
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, needs: tuple) -> None:
         need_hidden, need_weight, need_bias = needs
         self.hidden = torch.empty_like(hidden) if need_hidden else None
-        self.weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+        self.weight = torch.empty(weight.shape, device=weight.device, dtype=torch.float32) if need_weight else None
+        self.weight_started = False
         self.bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if need_bias else None
         self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
 
@@ -93,7 +96,8 @@ class _GradBuffers:
             else:
                 self.hidden[start:end] = dlogits @ weight
         if self.weight is not None:
-            _accumulate_mm_(self.weight, dlogits.t(), hidden[start:end].to(weight.dtype))
+            _accumulate_mm_(self.weight, dlogits.t(), hidden[start:end].to(weight.dtype), first=not self.weight_started)
+            self.weight_started = True
         if self.bias is not None:
             self.bias += dlogits.sum(0, dtype=torch.float32)
 
@@ -268,21 +272,26 @@ def fused_linear_grpo_loss(
     entropy = torch.empty(h.shape[0], device=h.device, dtype=torch.float32)
     w_, b_ = weight.detach(), None if bias is None else bias.detach()
     for start, end, logits in _chunk_logits(h, w_, b_, chunk_rows):
-        tc = t[start:end]
-        logp, lse, entropy[start:end] = rows.row_stats(logits, tc, temperature, return_entropy=True)
-        if liw_seq is not None:
-            liw = liw_seq[start:end]
+
+        def dlogp(lo: int, hi: int, logp: torch.Tensor, _entropy, start=start) -> torch.Tensor:
+            """The loss terms of rows start+lo : start+hi, kept for the metrics; returns d loss / d logp."""
+            rows_ = slice(start + lo, start + hi)
+            if liw_seq is not None:
+                liw = liw_seq[rows_]
+            else:
+                liw = logp - old[rows_] if old is not None else torch.zeros_like(logp)
+            part = token_terms(backend, logp, liw, adv[rows_], w[rows_], u[rows_],
+                               None if ref is None else ref[rows_], params)
+            grad, part.dlogp = part.dlogp, None  # keep only what the metrics need
+            terms.append(part)
+            return grad
+
+        if grads is None:
+            logp, _, entropy[start:end] = rows.row_stats(logits, t[start:end], temperature, return_entropy=True)
+            dlogp(0, end - start, logp, None)
         else:
-            liw = logp - old[start:end] if old is not None else torch.zeros_like(logp)
-        chunk = token_terms(
-            backend, logp, liw, adv[start:end], w[start:end], u[start:end],
-            None if ref is None else ref[start:end], params,
-        )
-        if grads is not None:
-            rows.row_grad(logits, tc, lse, chunk.dlogp, None, None, temperature, out=logits)
+            _, entropy[start:end] = rows.logprobs_and_grad_(logits, t[start:end], temperature, dlogp)
             grads.add_chunk(start, end, logits, h, w_)
-        chunk.dlogp = None  # consumed; keep only what the metrics need
-        terms.append(chunk)
     loss, metrics = summarize(terms, mask, weights.metric, entropy)
     if grads is None:
         return loss, metrics

@@ -1,27 +1,61 @@
 """The same row operations as `rowwise_triton`, in plain PyTorch ops: the fast CPU path.
 
-Rows are processed in blocks of about `_BLOCK_ELEMS` values, so that the block's fp32 scratch (8 MiB) stays in
-the last-level cache: each op on it then costs cache bandwidth, and DRAM sees one read of the logits for the
-statistics and one read plus one write for the gradient, as in the Triton kernels. A `[R, V]` temporary is
+Rows are processed in blocks of about `_BLOCK_ELEMS` values, so that a block's fp32 scratch (8 MiB) stays in the
+last-level cache: DRAM then sees about one read of the logits for the statistics and one write of `d logits`,
+and every other pass runs at cache bandwidth. Each block costs one `exp` per logit: `e = exp((z - max) / T)`
+gives the normalizer, the entropy and, rescaled, the probabilities of the gradient. A `[R, V]` temporary is
 never allocated.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 _BLOCK_ELEMS = 1 << 21  # fp32 values per scratch block: 8 MiB (13 rows at a 150k vocab), two of them inside a
 # 32 MiB L3, and large enough to amortize ~10 us of Python/dispatch per op over ~1 ms of work
 
+# (start, end, logp [r], entropy [r]) -> d loss / d logp [r] for rows start:end
+DlogpFn = Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
-def _row_blocks(rows: int, n_cols: int) -> range:
-    return range(0, rows, max(1, _BLOCK_ELEMS // n_cols))
+
+def _blocks(rows: int, n_cols: int) -> tuple[int, range]:
+    step = max(1, _BLOCK_ELEMS // n_cols)
+    return step, range(0, rows, step)
 
 
-def _scaled(z: torch.Tensor, inv_temperature: float, scratch: torch.Tensor) -> torch.Tensor:
-    """`z / T` in fp32 into `scratch` (upcast first: bf16 * scalar would round in bf16)."""
-    scratch.copy_(z)
-    return scratch.mul_(inv_temperature) if inv_temperature != 1.0 else scratch
+def _as_fp32(z: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """The block itself when fp32, else its fp32 copy in `scratch`."""
+    return z if z.dtype == torch.float32 else scratch.copy_(z)
+
+
+def _block_stats(
+    z: torch.Tensor, inv_t: float, e: torch.Tensor, zm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """For fp32 logits `z [r, V]`: fills `e = exp((z - max) / T)` and returns its row sums `s`, the `lse` of z / T
+    and, when a second scratch `zm` is given, the entropy `log s - E_p[(z - max) / T]` (computed from the shifted
+    logits, which avoids the cancellation of lse - E_p[z / T]). Sums are torch's cascade sums: ~1e-6 relative at
+    150k terms."""
+    m = z.amax(dim=-1, keepdim=True)
+    shifted = torch.sub(z, m, out=e if zm is None else zm)
+    if inv_t != 1.0:
+        shifted.mul_(inv_t)
+    torch.exp(shifted, out=e)
+    s = e.sum(dim=-1)
+    log_s = s.log()
+    entropy = None
+    if zm is not None:
+        dot = torch.linalg.vecdot(e, zm)
+        bad = torch.isnan(dot)  # a masked (-inf) logit: e = 0 but e * -inf = NaN; redo those rows with it as 0
+        if bad.any():
+            dot[bad] = torch.linalg.vecdot(e[bad], zm[bad].nan_to_num(neginf=0.0))
+        entropy = log_s - dot / s
+    return s, m.squeeze(-1) * inv_t + log_s, entropy
+
+
+def _target_logits(logits: torch.Tensor, targets: torch.Tensor, inv_t: float) -> torch.Tensor:
+    return logits.gather(1, targets.view(-1, 1).long()).squeeze(1).float() * inv_t
 
 
 def row_stats(
@@ -32,23 +66,52 @@ def row_stats(
     inv_t = 1.0 / temperature
     lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
     entropy = torch.empty_like(lse) if return_entropy else None
-    step = max(1, _BLOCK_ELEMS // n_cols)
-    scratch = torch.empty(min(step, rows), n_cols, device=logits.device, dtype=torch.float32)
-    probs = torch.empty_like(scratch) if return_entropy else None
-    for start in _row_blocks(rows, n_cols):
+    step, starts = _blocks(rows, n_cols)
+    e = torch.empty(min(step, rows), n_cols, device=logits.device, dtype=torch.float32)
+    zm = torch.empty_like(e) if return_entropy else None
+    z32 = torch.empty_like(e) if logits.dtype != torch.float32 else None
+    for start in starts:
         end = min(start + step, rows)
-        z = logits[start:end]
-        if return_entropy or inv_t != 1.0 or z.dtype != torch.float32:  # else logsumexp reads the logits as they are
-            z = _scaled(z, inv_t, scratch[: end - start])
-        # logsumexp sums in cascade: ~1e-6 relative at 150k terms, where log_softmax's running sum gives ~1e-5
-        lse[start:end] = torch.logsumexp(z, dim=-1)
+        r = end - start
+        z = _as_fp32(logits[start:end], z32[:r] if z32 is not None else None)
+        _, lse[start:end], ent = _block_stats(z, inv_t, e[:r], None if zm is None else zm[:r])
         if entropy is not None:
-            lp = z.sub_(lse[start:end, None])
-            p = torch.exp(lp, out=probs[: end - start])
-            # -sum p log p; a -inf log-prob (a masked vocab entry) has p = 0 and contributes 0, not NaN
-            entropy[start:end] = -torch.linalg.vecdot(p, lp.clamp_(min=torch.finfo(torch.float32).min))
-    target_logit = logits.gather(1, targets.view(-1, 1).long()).squeeze(1).float() * inv_t
-    return target_logit - lse, lse, entropy
+            entropy[start:end] = ent
+    return _target_logits(logits, targets, inv_t) - lse, lse, entropy
+
+
+def logprobs_and_grad_(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, dlogp_fn: DlogpFn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of `logits [R, V]`, and `d loss / d logits` written over the logits, in one pass:
+    per block, the statistics, then `g = dlogp_fn(...)` (the loss gradient needs the log-probs), then
+    `d z = g (onehot - p) / T` from the block's `exp` still in cache. Returns fp32 `logp [R]`, `entropy [R]`."""
+    rows, n_cols = logits.shape
+    inv_t = 1.0 / temperature
+    logp = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    entropy = torch.empty_like(logp)
+    target_logit = _target_logits(logits, targets, inv_t)
+    step, starts = _blocks(rows, n_cols)
+    e = torch.empty(min(step, rows), n_cols, device=logits.device, dtype=torch.float32)
+    zm = torch.empty_like(e)
+    z32 = torch.empty_like(e) if logits.dtype != torch.float32 else None
+    for start in starts:
+        end = min(start + step, rows)
+        r = end - start
+        z = logits[start:end]
+        z_fp32 = _as_fp32(z, z32[:r] if z32 is not None else None)
+        s, lse, entropy[start:end] = _block_stats(z_fp32, inv_t, e[:r], zm[:r])
+        logp[start:end] = target_logit[start:end] - lse
+        g = dlogp_fn(start, end, logp[start:end], entropy[start:end]).float() * inv_t
+        # d z = g / T (onehot - e / s); the one-hot term is added in fp32 before any downcast
+        coef = (-g / s).unsqueeze(1)
+        if z.dtype == torch.float32:
+            torch.mul(e[:r], coef, out=z)
+            z.scatter_add_(1, targets[start:end].view(-1, 1).long(), g.unsqueeze(1))
+        else:
+            d = e[:r].mul_(coef).scatter_add_(1, targets[start:end].view(-1, 1).long(), g.unsqueeze(1))
+            z.copy_(d)
+    return logp, entropy
 
 
 def row_grad(
@@ -61,16 +124,19 @@ def row_grad(
     temperature: float,
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Write `d loss / d logits [R, V]` into `out` (may be `logits` itself): `(g (onehot - p) - g_H p (log p + H)) / T`."""
+    """Write `d loss / d logits [R, V]` into `out` (may be `logits` itself): `(g (onehot - p) - g_H p (log p + H)) / T`
+    with `p = exp(z / T - lse)`."""
     rows, n_cols = logits.shape
     inv_t = 1.0 / temperature
-    step = max(1, _BLOCK_ELEMS // n_cols)
+    step, starts = _blocks(rows, n_cols)
     scratch = torch.empty(min(step, rows), n_cols, device=logits.device, dtype=torch.float32)
     probs = torch.empty_like(scratch) if grad_entropy is not None else None
-    for start in _row_blocks(rows, n_cols):
+    for start in starts:
         end = min(start + step, rows)
-        block = scratch[: end - start]
-        lp = _scaled(logits[start:end], inv_t, block).sub_(lse[start:end, None])
+        lp = scratch[: end - start].copy_(logits[start:end])
+        if inv_t != 1.0:
+            lp.mul_(inv_t)
+        lp.sub_(lse[start:end, None])
         g = grad_logp[start:end, None]
         if grad_entropy is None:
             coef = lp.exp_().mul_(-g * inv_t)

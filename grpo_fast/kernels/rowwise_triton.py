@@ -143,3 +143,12 @@ def row_grad(
         BLOCK_SIZE=block, HAS_GRAD_ENTROPY=has_h, num_warps=warps,
     )
     return out
+
+
+def logprobs_and_grad_(logits: torch.Tensor, targets: torch.Tensor, temperature: float, dlogp_fn):
+    """Log-probs and entropies of `logits [R, V]`, then `d loss / d logits` written over the logits, where
+    `dlogp_fn(0, R, logp, entropy)` gives `d loss / d logp [R]`: two streaming passes over each row."""
+    logp, lse, entropy = row_stats(logits, targets, temperature, return_entropy=True)
+    grad_logp = dlogp_fn(0, logits.shape[0], logp, entropy).float().contiguous()
+    row_grad(logits, targets, lse, grad_logp, None, None, temperature, out=logits)
+    return logp, entropy

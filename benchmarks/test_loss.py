@@ -1,0 +1,135 @@
+"""fused_linear_grpo_loss, forward + backward, side by side with the other ways to get the same loss and gradients.
+
+Rows (same inputs, same loss: DAPO, beta 0.04 with reference log-probs, on-policy):
+- `floor-3-gemms`: the three GEMMs any implementation must run (logits, d hidden, d weight) and nothing else;
+- `full-logits`: `grpo_fast.kernels.reference`, i.e. the `[N, V]` logits, log_softmax gather, the loss, autograd;
+- `trl-chunked-head`: TRL's fused lm_head (`ChunkedLogProbFunction`, what its GRPOTrainer runs) + the same loss;
+- `liger`: Liger-Kernel's `LigerFusedLinearGRPOLoss` (defaults: torch.compile'd chunks of one sequence);
+- `grpo_fast`: this project (chunked torch path on CPU, Triton on CUDA).
+Each row records its median time and its peak extra memory (`extra_info`): on CPU the resident-set high-water mark
+above what was resident before the call, on CUDA the allocator's peak.
+
+Targets at N = 2,048 tokens, D = 896, V = 151,936, fp32, on CPU (checked in the `grpo_fast` row, which runs last):
+time <= 1.15x the three-GEMM floor and >= 1.4x faster than the fastest peer; peak extra memory <= 1.3x the gradient
+buffers the backward must return anyway (d weight [V, D] + d hidden [N, D], fp32).
+
+    pytest benchmarks/test_loss.py --benchmark-only --benchmark-columns=min,median,max,rounds
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+from memory import peak_extra_bytes
+
+from grpo_fast.kernels import fused_linear_grpo_loss, reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BETA = 0.04
+# name: (B, T, D, V); "qwen2-vocab" is InternVL3-1B's language model (Qwen2-0.5B: D 896, V 151,936)
+SHAPES = {"small": (8, 64, 256, 32_000), "qwen2-vocab": (16, 128, 896, 151_936)}
+IMPLS = ["floor-3-gemms", "full-logits", "trl-chunked-head", "liger", "grpo_fast"]
+PEERS = ("full-logits", "trl-chunked-head", "liger")
+TRL_VOCAB_CHUNK = 32_768  # the vocabulary tile TRL's GRPOTrainer passes (trl.trainer.utils)
+_results: dict[tuple[str, str], tuple[float, int]] = {}  # (shape, impl) -> (median s, peak extra bytes)
+
+
+def _inputs(b: int, t: int, d: int, v: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(b, t, d, generator=g)
+    weight = torch.randn(v, d, generator=g) / d**0.5
+    targets = torch.randint(0, v, (b, t), generator=g)
+    with torch.no_grad():
+        ref = reference.fused_linear_logprobs(hidden[:1], weight, targets[:1]).expand(b, t) - 0.1
+    tensors = {
+        "hidden": hidden, "weight": weight, "targets": targets, "mask": torch.ones(b, t, dtype=torch.bool),
+        "advantages": torch.randn(b, generator=g), "ref_logp": ref.contiguous(),
+    }
+    return {k: x.to(DEVICE) for k, x in tensors.items()}
+
+
+def _step(impl: str, x: dict[str, torch.Tensor]):
+    """A no-argument callable: one forward + backward of `impl` from fresh leaves (grads of hidden and weight)."""
+    hidden = x["hidden"].clone().requires_grad_()
+    weight = x["weight"].clone().requires_grad_()
+    b, t, d = hidden.shape
+
+    def loss_from_logp(logp: torch.Tensor) -> torch.Tensor:
+        return reference.grpo_loss(logp.view(b, t), None, x["ref_logp"], x["advantages"], x["mask"], beta=BETA)[0]
+
+    if impl == "floor-3-gemms":
+        h2 = hidden.detach().view(-1, d)
+
+        def run():
+            logits = h2 @ weight.detach().t()
+            d_hidden = logits @ weight.detach()
+            d_weight = logits.t() @ h2
+            return d_hidden, d_weight
+    elif impl == "full-logits":
+
+        def run():
+            logp = reference.fused_linear_logprobs(hidden, weight, x["targets"])
+            loss_from_logp(logp).backward()
+    elif impl == "trl-chunked-head":
+        chunked = pytest.importorskip("trl.kernels.chunked_logprob").ChunkedLogProbFunction
+
+        def run():
+            logp = chunked.apply(hidden.view(-1, d), weight, None, x["targets"].view(-1), 1.0, TRL_VOCAB_CHUNK,
+                                 None, 1.0, ())[0]
+            loss_from_logp(logp).backward()
+    elif impl == "liger":
+        liger = pytest.importorskip("liger_kernel.chunked_loss").LigerFusedLinearGRPOLoss(beta=BETA)
+
+        def run():
+            loss, _ = liger(hidden, weight, x["targets"], x["mask"], x["advantages"], ref_per_token_logps=x["ref_logp"])
+            loss.backward()
+    else:
+
+        def run():
+            loss, _ = fused_linear_grpo_loss(hidden, weight, x["targets"], x["mask"], x["advantages"],
+                                             ref_logp=x["ref_logp"], beta=BETA)
+            loss.backward()
+
+    def step():
+        hidden.grad = weight.grad = None
+        run()
+        hidden.grad = weight.grad = None  # freed inside the call, so every round starts from the same memory
+
+    return step
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_fused_linear_grpo_loss(benchmark, shape: str, impl: str) -> None:
+    b, t, d, v = SHAPES[shape]
+    x = _inputs(b, t, d, v)
+    step = _step(impl, x)
+    peak = peak_extra_bytes(step, DEVICE)  # also the warm-up (Liger compiles its chunk function here)
+    rounds = 3 if shape == "qwen2-vocab" else 5
+    benchmark.group = f"fused_linear_grpo_loss fwd+bwd {shape} N={b * t} D={d} V={v} {DEVICE.type}"
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    median = statistics.median(benchmark.stats.stats.data)
+    _results[(shape, impl)] = (median, peak)
+    n = b * t
+    grad_bytes = (v * d + n * d) * 4
+    tokens_per_s = n / median
+    benchmark.extra_info.update(
+        peak_extra_MB=round(peak / 2**20, 1), peak_over_grad_buffers=round(peak / grad_bytes, 3),
+        tokens_per_s=round(tokens_per_s, 1),
+    )
+    if impl != "grpo_fast":
+        return
+    floor = _results.get((shape, "floor-3-gemms"))
+    peers = {p: _results[(shape, p)] for p in PEERS if (shape, p) in _results}
+    if floor:
+        benchmark.extra_info["time_over_floor"] = round(median / floor[0], 3)
+    if peers:
+        fastest = min(peers, key=lambda p: peers[p][0])
+        benchmark.extra_info["fastest_peer"] = fastest
+        benchmark.extra_info["speedup_over_fastest_peer"] = round(peers[fastest][0] / median, 3)
+    if shape == "qwen2-vocab" and DEVICE.type == "cpu" and floor and len(peers) == len(PEERS):
+        assert median <= 1.15 * floor[0], f"{median:.2f} s is over 1.15x the GEMM floor ({floor[0]:.2f} s)"
+        assert peers[fastest][0] >= 1.4 * median, f"{median:.2f} s is not 1.4x faster than {fastest}"
+        assert peak <= 1.3 * grad_bytes, f"peak extra {peak / 2**30:.2f} GiB > 1.3x grad buffers"
