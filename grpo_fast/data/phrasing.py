@@ -30,12 +30,21 @@ BARE_CLARIFICATIONS = (
 ENUMERATIONS = (
     "There are {count} {nouns}: {ones}. Which one do you mean?",
     "The question is ambiguous, because I see {count} {nouns}: {ones}. Which one are you asking about?",
-    "I see {full}. Do you mean the {first} one or the {last} one?",
+    "I see {full}. Do you mean {choices}?",
 )
 
 
-def _join(parts: list[str]) -> str:
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+def _join(parts: list[str], conjunction: str = "and") -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + f" {conjunction} " + parts[-1]
+
+
+DESCRIBE_QUESTION = "What do you see in the picture?"
+
+
+def describe(scene: Scene) -> str:
+    """Every object, left to right, e.g. "I see a big red triangle and a small blue circle." (a captioning target)."""
+    objects = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    return "I see " + _join([f"a {o.size} {o.colour} {o.shape}" for o in objects]) + "."
 
 
 def question(target: Target, rng: random.Random) -> str:
@@ -61,8 +70,7 @@ def clarification(scene: Scene, target: Target, rng: random.Random, *, enumerate
         nouns=target.noun + "s",
         ones=_join([f"a {c} one" for c in colours]),
         full=_join([f"a {target.with_colour(c)}" for c in colours]),
-        first=colours[0],
-        last=colours[-1],
+        choices=_join([f"the {c} one" for c in colours], "or"),
     )
 
 

@@ -2,6 +2,7 @@
 
 from grpo_fast.rewards.judge import FACTUAL_FAIL_PENALTY, STRATEGY_REWARD, Judge, JudgeReward, Judgment, rubric_reward
 from grpo_fast.rewards.llm_judge import LLMJudge, LLMJudgeConfig
+from grpo_fast.rewards.rule_judge import RuleJudge
 
 __all__ = [
     "FACTUAL_FAIL_PENALTY",
@@ -11,5 +12,6 @@ __all__ = [
     "Judgment",
     "LLMJudge",
     "LLMJudgeConfig",
+    "RuleJudge",
     "rubric_reward",
 ]

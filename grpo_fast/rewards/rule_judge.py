@@ -4,7 +4,7 @@ Strategy (DESIGN.md, "Rewards") from surface cues of the completion:
 - asks: a question with a clarification cue ("which", "do you mean", "clarify", "... or ...?").
 - lists: names two or more colours for the asked-about shape ("a red one and a blue one").
 - notes: says there are several ("ambiguous", "more than one", "two triangles", the plural of the shape).
-- hedges: "not sure", "can't tell", "maybe", ...; refuses: "cannot answer", "there is no ...".
+- hedges: "not sure", "can't tell", "maybe", "green or blue", ...; refuses: "cannot answer", "there is no ...".
 ambig: asks or lists -> 4 when it also notes the ambiguity (or both asks and lists) and reads fluently, else 3;
 hedges or notes only -> 2; otherwise (answers as if there were one referent) -> 1.
 unambig: asks, notes or refuses -> 1; no colour given -> 1; hedges or several colours or not fluent -> 2;
@@ -40,7 +40,9 @@ _REFERENT_IS_COLOUR = re.compile(rf"\b(?:it is|it's|its colour is|(?:one|other|a
 _COLOUR_ONE = re.compile(rf"\b({_COLOUR}) ones?\b")
 _COUNT = re.compile(rf"\b({_NUM}) (?:({_SIZE}) )?(?:(?:{_COLOUR}) )?({_SHAPE})s?\b")
 _ONLY_ONE = re.compile(rf"\b(?:only one|just one|a single|exactly one) (?:({_SIZE}) )?({_SHAPE})\b")
-_NONE = re.compile(rf"\b(?:there is no|there are no|i see no|i don't see any|i do not see any) (?:({_SIZE}) )?({_SHAPE})")
+_NONE = re.compile(
+    rf"\b(?:there is no|there are no|i see no|i don't see any|i do not see any) (?:({_SIZE}) )?({_SHAPE})"
+)
 
 _ASK_CUE = re.compile(r"\b(?:which|do you mean|you mean|are you asking|clarify|specify)\b|\bor\b")
 _AMBIGUITY = re.compile(r"\b(?:ambiguous|ambiguity|more than one|several|multiple|both|unclear which)\b")
@@ -48,6 +50,7 @@ _HEDGE = re.compile(
     r"\b(?:not sure|unsure|uncertain|not certain|can't tell|cannot tell|hard to (?:say|tell)|don't know|do not know"
     r"|no idea|maybe|perhaps|probably|might)\b"
 )
+_ALTERNATIVES = re.compile(rf"\b(?:{_COLOUR}) or (?:{_COLOUR})\b")  # "green or blue": speculation
 _REFUSE = re.compile(r"\b(?:cannot answer|can't answer|unable to answer|won't answer)\b")
 _FLUENT_CHARS = re.compile(r"[A-Za-z][A-Za-z ,.:;'?!-]*[.?!]")
 MAX_WORDS, MAX_CONCISE_WORDS = 40, 12
@@ -116,7 +119,7 @@ def strategy_score(text: str, level: str, scene: Scene, target: Target) -> int:
     asks = "?" in t and _ASK_CUE.search(t) is not None
     lists = len(given) >= 2
     notes = _AMBIGUITY.search(t) is not None or re.search(rf"\b{target.shape}s\b", t) is not None
-    hedges = _HEDGE.search(t) is not None
+    hedges = _HEDGE.search(t) is not None or _ALTERNATIVES.search(t) is not None
     if level == "ambig":
         if asks or lists:
             return 4 if (notes or (asks and lists)) and _fluent(text) else 3

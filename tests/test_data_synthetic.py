@@ -1,0 +1,63 @@
+"""The synthetic generator: determinism, balance, ground truth consistent with the level, loadable lines."""
+
+import json
+from collections import Counter
+
+import pytest
+
+from grpo_fast.data import Scene, Target, load_seed
+from grpo_fast.data.synthetic import generate, main
+from grpo_fast.vision import closest_grid
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    return out, generate(out, n=40, seed=3)
+
+
+def test_same_seed_same_bytes_other_seed_other_data(data, tmp_path):
+    out, paths = data
+    again = generate(tmp_path / "a", n=40, seed=3)
+    other = generate(tmp_path / "b", n=40, seed=4)
+    for split in ("train", "val"):
+        assert paths[split].read_text() == again[split].read_text()
+        assert paths[split].read_text() != other[split].read_text()
+    assert (out / "images/train_00007.png").read_bytes() == (tmp_path / "a/images/train_00007.png").read_bytes()
+
+
+def test_splits_are_balanced_and_every_line_loads(data):
+    _, paths = data
+    train, val = load_seed(paths["train"]), load_seed(paths["val"])
+    assert (len(train), len(val)) == (36, 4)
+    for items in (train, val):
+        counts = Counter(it["level"] for it in items)
+        assert counts["ambig"] == counts["unambig"]
+
+
+def test_level_matches_the_number_of_referents(data):
+    _, paths = data
+    for it in load_seed(paths["train"]):
+        scene, target = Scene.from_dict(it["scene"]), Target(**it["target"])
+        n = len(scene.referents(target))
+        assert (n >= 2) == (it["level"] == "ambig"), it
+        assert target.shape in it["question"]
+        if n >= 2:  # readings have distinct colours, so they can be told apart by name
+            assert len({o.colour for o in scene.referents(target)}) == n
+
+
+def test_canvas_sizes_give_varied_tile_counts(data):
+    _, paths = data
+    items = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    grids = {closest_grid(it["scene"]["width"], it["scene"]["height"], 64, 1, 4) for it in items}
+    tiles = {cols * rows for cols, rows in grids}
+    assert len(tiles) >= 3  # grids of 2, 3 and 4 tiles (plus the thumbnail) at the tiny model's 64-pixel tiles
+
+
+def test_cli_writes_splits_and_rejects_bad_n(tmp_path, capsys):
+    main(["--out", str(tmp_path), "--n", "4", "--seed", "0"])
+    assert "train:" in capsys.readouterr().out
+    assert len((tmp_path / "train.jsonl").read_text().splitlines()) == 3
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--n", "1"])
+    assert "n must be at least 2" in capsys.readouterr().err

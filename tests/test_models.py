@@ -1,0 +1,136 @@
+"""Tiny InternVL, its tokenizer, model inputs, and load_policy on presets and on -hf checkpoint folders."""
+
+import pytest
+import torch
+from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
+from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
+
+from grpo_fast.data import generate, load_seed
+from grpo_fast.data.collate import collate, render_prompt
+from grpo_fast.models import Policy, Tiling, build_tokenizer, load_policy
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return load_policy("tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    paths = generate(tmp_path_factory.mktemp("syn"), n=8, seed=1)
+    return load_seed(paths["train"])[:4]
+
+
+def test_tokenizer_round_trip_and_special_tokens(policy):
+    tok = policy.tokenizer
+    for text in ["There are two small triangles: a red one and a blue one. Which one do you mean?", "héllo, 😀 42!"]:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+    # the generator's words are single tokens: the vocabulary stays small
+    assert len(tok(" triangle is purple", add_special_tokens=False)["input_ids"]) == 3
+    for special in ["<img>", "</img>", "<IMG_CONTEXT>", "<|im_start|>", "<|im_end|>"]:
+        assert len(tok(special, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id != tok.eos_token_id
+    assert policy.model.config.text_config.vocab_size == len(tok) == 400
+
+
+def test_prompt_expands_the_image_like_the_hf_processor(policy):
+    text = render_prompt(policy.tokenizer, "What colour is the circle?", 3 * 16)
+    assert text == (
+        "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 48 + "</img>\nWhat colour is the circle?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_collate_left_pads_prompts_and_right_pads_completions(policy, items):
+    batch = collate(policy, items, ["Red.", "Which circle do you mean?", "It is blue.", "Hm."])
+    tok, ctx = policy.tokenizer, policy.tokenizer.context_image_token_id
+    assert policy.image_seq_length == 16  # (64 / 8)^2 patches x 0.5^2 after the pixel shuffle
+    assert batch.pixel_values.shape == (int(batch.num_tiles.sum()), 3, 64, 64)
+    assert ((batch.prompt_ids == ctx).sum(1) == batch.num_tiles * 16).all()
+    assert (batch.prompt_mask[:, -1] == 1).all() and (batch.prompt_mask[:, 0] == 0).any()  # left padding
+    assert (batch.completion_mask[:, 0] == 1).all() and (batch.completion_mask[:, -1] == 0).any()  # right padding
+    lengths = batch.completion_mask.sum(1)
+    assert (batch.completion_ids[torch.arange(4), lengths - 1] == tok.eos_token_id).all()
+    assert tok.decode(batch.completion_ids[1, : lengths[1] - 1]) == "Which circle do you mean?"
+    assert batch.input_ids.shape == batch.attention_mask.shape == batch.position_ids.shape
+    first = batch.attention_mask.argmax(1)
+    assert (batch.position_ids[torch.arange(4), first] == 0).all()
+    with pytest.raises(ValueError, match="2 completions for 4 items"):
+        collate(policy, items, ["a", "b"])
+
+
+def test_forward_exposes_hidden_states_and_lm_head_and_generates(policy, items):
+    batch = collate(policy, items, ["The circle is red."] * 4)
+    with torch.no_grad():
+        out = policy.model(**batch.model_inputs(), output_hidden_states=True)
+        hidden, weight = out.hidden_states[-1], policy.model.get_output_embeddings().weight
+        torch.testing.assert_close(hidden @ weight.T, out.logits)
+        prompts = collate(policy, items)
+        generated = policy.model.generate(
+            input_ids=prompts.prompt_ids,
+            attention_mask=prompts.prompt_mask,
+            pixel_values=prompts.pixel_values,
+            max_new_tokens=5,
+            do_sample=True,
+        )
+    assert out.logits.shape == (4, batch.input_ids.shape[1], 400)
+    assert generated.shape[0] == 4 and 1 <= generated.shape[1] - prompts.prompt_ids.shape[1] <= 5
+    assert 0.5e6 < sum(p.numel() for p in policy.model.parameters()) < 5e6
+
+
+def test_save_and_load_round_trip(policy, items, tmp_path):
+    policy.save(tmp_path)
+    loaded = load_policy(tmp_path)
+    assert loaded.tiling == policy.tiling and loaded.image_seq_length == 16
+    assert loaded.tokenizer.context_image_token_id == policy.tokenizer.context_image_token_id
+    batch = collate(policy, items[:2], ["It is red.", "Which one?"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(**batch.model_inputs()).logits, policy.model(**batch.model_inputs()).logits
+        )
+
+
+def test_loads_an_hf_internvl_checkpoint_folder(policy, items, tmp_path):
+    """A randomly initialised small config of the real -hf class, with another tile and patch size."""
+    tok = build_tokenizer(["What colour is the circle?"], vocab_size=300)
+    config = InternVLConfig(
+        vision_config=InternVLVisionConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=56,
+            patch_size=14,
+        ).to_dict(),
+        text_config=Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        ).to_dict(),
+        image_token_id=tok.context_image_token_id,
+        image_seq_length=4,
+    )
+    InternVLForConditionalGeneration(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    Tiling(56, 1, 6, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).image_processor().save_pretrained(tmp_path)
+    loaded = load_policy(tmp_path)
+    assert loaded.tiling == Tiling(56, 1, 6, True, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert loaded.image_seq_length == 4  # (56 / 14)^2 x 0.25
+    batch = collate(loaded, items[:2])
+    assert batch.pixel_values.shape[-1] == 56
+    with torch.no_grad():
+        assert loaded.model(**batch.model_inputs()).logits.shape[:2] == batch.input_ids.shape
+
+
+def test_unknown_or_foreign_model_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'no-such-model': not a preset \\(tiny\\)"):
+        load_policy("no-such-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):  # no config.json: transformers names the folder
+        load_policy(tmp_path / "empty")
+    Qwen2Config(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="is a 'qwen2' model; only InternVL"):
+        load_policy(tmp_path)
