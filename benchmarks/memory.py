@@ -11,7 +11,7 @@ import torch
 def _rss_and_peak() -> tuple[int, int]:
     with open("/proc/self/status") as f:
         status = f.read()
-    field = lambda name: int(re.search(rf"{name}:\s+(\d+) kB", status).group(1)) * 1024  # noqa: E731
+    field = lambda name: int(re.search(rf"{name}:\s+(\d+) kB", status).group(1)) * 1024
     return field("VmRSS"), field("VmHWM")
 
 

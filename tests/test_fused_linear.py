@@ -151,6 +151,31 @@ def test_loss_scaled_by_incoming_gradient(backend):
     torch.testing.assert_close(grads[1], grads[0] * 0.25)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_vocab_entries(backend):
+    # a -inf bias bans tokens (as a vocabulary mask would): log-probs, entropy and gradients stay finite
+    tensors = _inputs(2, 3, 8, 50, torch.float32)
+    tensors["bias"][::3] = -float("inf")
+    tensors["targets"] = tensors["targets"] // 3 * 3 + 1  # never a banned id
+
+    def fn(**kw):
+        logp, entropy = fused_linear_logprobs(**kw, return_entropy=True)
+        (logp.sum() + entropy.sum()).backward()
+        return logp, entropy
+
+    (logp, entropy), grads = _grads(backend, fn, tensors)
+    # the reference over the allowed vocabulary only: a banned token must behave as if it did not exist
+    keep = torch.isfinite(tensors["bias"])
+    reduced = {"hidden": tensors["hidden"], "weight": tensors["weight"][keep], "bias": tensors["bias"][keep],
+               "targets": (keep.cumsum(0) - 1)[tensors["targets"]]}
+    (ref_logp, ref_entropy), (ref_dh, ref_dw, ref_db) = _grads("reference", fn, reduced)
+    d_hidden, d_weight, d_bias = grads
+    for out, ref in zip([logp, entropy, d_hidden, d_weight[keep], d_bias[keep]],
+                        [ref_logp, ref_entropy, ref_dh, ref_dw, ref_db]):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(d_weight[~keep], torch.zeros_like(d_weight[~keep]))
+
+
 def test_default_chunk_rows():
     # a quarter of D at a large vocab: the chunk's logits cost 1/4 of the weight gradient
     assert default_chunk_rows(151_936, 896) == 224

@@ -35,8 +35,8 @@ def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature:
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Entropy of `softmax(logits / temperature)` in nats. `logits [..., V]` -> fp32 `[...]`."""
-    logp = torch.log_softmax(_at_least_fp32(logits) / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+    probs = torch.softmax(_at_least_fp32(logits) / temperature, dim=-1)
+    return torch.special.entr(probs).sum(-1)  # -p log p, with 0 where p = 0 (a masked, -inf logit)
 
 
 def fused_linear_logprobs(

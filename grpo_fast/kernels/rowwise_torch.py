@@ -46,10 +46,12 @@ def _block_stats(
     log_s = s.log()
     entropy = None
     if zm is not None:
-        dot = torch.linalg.vecdot(e, zm)
-        bad = torch.isnan(dot)  # a masked (-inf) logit: e = 0 but e * -inf = NaN; redo those rows with it as 0
-        if bad.any():
-            dot[bad] = torch.linalg.vecdot(e[bad], zm[bad].nan_to_num(neginf=0.0))
+        # sum(e (z - max)) in place over the shifted logits, a cascade sum (a BLAS dot over 150k terms is ~10x
+        # less accurate); a masked (-inf) logit gives e * -inf = NaN where 0 is meant
+        product = zm.mul_(e)
+        if torch.isnan(product).any():
+            product.nan_to_num_(nan=0.0)
+        dot = product.sum(dim=-1)
         entropy = log_s - dot / s
     return s, m.squeeze(-1) * inv_t + log_s, entropy
 
