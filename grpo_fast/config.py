@@ -44,43 +44,48 @@ class GRPOConfig:
     overwrite: bool = _f(False, "replace an existing run of the same name", "run")
     resume: bool = _f(False, "continue the run in <output_dir>/<name>/ from its latest checkpoint", "run")
     seed: int = _f(0, "seed of data order, sampling and initialisation", "run")
+    torch_threads: int = _f(0, "CPU threads for torch ops (0: torch's default, one per core)", "run")
     max_steps: int = _f(100, "GRPO steps (each: rollouts, then num_iterations optimizer updates)", "run")
     # data
-    data: str = _f("data/synthetic", "folder with train.jsonl and val.jsonl (synthetic data is generated if absent)",
-                   "data")
+    data: str = _f(
+        "data/synthetic", "folder with train.jsonl and val.jsonl (synthetic data is generated if absent)", "data"
+    )
     n: int = _f(2000, "synthetic items to generate when the data folder is absent", "data")
     skip_bad_lines: bool = _f(False, "skip (and count) bad dataset lines instead of failing", "data")
     # model
     model: str = _f("tiny", "preset name (tiny) or InternVL -hf checkpoint folder / hub id", "model")
     warm_start: bool = _f(True, "SFT warm start first when --model is a preset (grpo_fast.sft)", "model")
-    warm_start_dir: str | None = _f(None, "where the warm start is written and reused from (None: "
-                                    "<output_dir>/warm-start)", "model")
+    warm_start_dir: str | None = _f(
+        None, "where the warm start is written and reused from (None: <output_dir>/warm-start)", "model"
+    )
     sft_steps: int = _f(300, "warm start: SFT optimizer steps", "model")
     lora: int = _f(0, "LoRA rank on all attention and MLP projections (0: full fine-tuning; needs peft)", "model")
     lora_alpha: int = _f(16, "LoRA alpha", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory", "model")
     bf16: bool = _f(False, "bf16 autocast (CUDA only; ignored on CPU)", "model")
-    attn_implementation: str = _f("auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager",
-                                  "model")
+    attn_implementation: str = _f(
+        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager", "model"
+    )
     use_liger: bool = _f(False, "apply Liger's model patches (CUDA, liger-kernel installed)", "model")
     # generation
     num_generations: int = _f(8, "G: completions sampled per prompt", "generation")
-    max_prompt_length: int | None = _f(None, "prompt tokens at most, image tokens included (None: no limit)",
-                                       "generation")
+    max_prompt_length: int | None = _f(
+        None, "prompt tokens at most, image tokens included (None: no limit)", "generation"
+    )
     max_completion_length: int = _f(512, "completion tokens at most", "generation")
     temperature: float = _f(1.0, "sampling temperature (also divides the logits in the loss, as TRL)", "generation")
     top_p: float = _f(1.0, "nucleus sampling mass", "generation")
     top_k: int = _f(0, "sample among the k likeliest tokens (0: all)", "generation")
-    mask_truncated_completions: bool = _f(False, "leave completions cut at max_completion_length out of the loss",
-                                          "generation")
+    mask_truncated_completions: bool = _f(
+        False, "leave completions cut at max_completion_length out of the loss", "generation"
+    )
     # reward
     judge: str = _f("rule", "rule (offline, synthetic data) or llm (OpenAI-compatible endpoint, --judge-*)", "reward")
     scale_rewards: str = _f("group", "advantage scale: group (group std), batch (batch std), none", "reward")
     # optimisation (TRL names and defaults)
     batch_size: int = _f(8, "completions per device per micro-step (a multiple of num_generations)", "optimization")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update", "optimization")
-    num_iterations: int = _f(1, "mu: optimizer updates per batch of rollouts (old log-probs when > 1)",
-                             "optimization")
+    num_iterations: int = _f(1, "mu: optimizer updates per batch of rollouts (old log-probs when > 1)", "optimization")
     learning_rate: float = _f(1e-6, "peak AdamW learning rate", "optimization")
     lr_scheduler_type: str = _f("linear", "decay after warm-up: linear, cosine or constant", "optimization")
     warmup_steps: int = _f(0, "linear warm-up updates", "optimization")
@@ -122,20 +127,43 @@ class GRPOConfig:
         if self.preset not in PRESETS and self.preset != "none":
             raise ConfigError(f"preset must be one of {', '.join(PRESETS)}, none; got {self.preset!r}")
         if self.num_generations < 2:
-            raise ConfigError(f"num_generations must be >= 2 (a group needs two completions), got {self.num_generations}")
+            raise ConfigError(
+                f"num_generations must be >= 2 (a group needs two completions), got {self.num_generations}"
+            )
         if self.batch_size < 1 or self.batch_size % self.num_generations:
             raise ConfigError(
                 f"batch_size ({self.batch_size}) must be a positive multiple of num_generations ({self.num_generations})"
             )
-        for name in ("max_steps", "gradient_accumulation_steps", "num_iterations", "max_completion_length",
-                     "logging_steps", "save_steps", "save_total_limit", "eval_batch_size", "n", "sft_steps"):
+        for name in (
+            "max_steps",
+            "gradient_accumulation_steps",
+            "num_iterations",
+            "max_completion_length",
+            "logging_steps",
+            "save_steps",
+            "save_total_limit",
+            "eval_batch_size",
+            "n",
+            "sft_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("learning_rate", "temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("beta", "epsilon", "weight_decay", "max_grad_norm", "warmup_steps", "top_k", "lora",
-                     "eval_steps", "eval_items", "log_samples"):
+        for name in (
+            "beta",
+            "epsilon",
+            "weight_decay",
+            "max_grad_norm",
+            "warmup_steps",
+            "top_k",
+            "lora",
+            "eval_steps",
+            "eval_items",
+            "log_samples",
+            "torch_threads",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
@@ -156,10 +184,14 @@ class GRPOConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.name in ("", ".", "..") or "/" in self.name:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
-        if self.model not in MODEL_PRESETS and not Path(self.model).exists() and (
-            self.model.startswith(("/", ".", "~")) or self.model.count("/") != 1
+        if (
+            self.model not in MODEL_PRESETS
+            and not Path(self.model).exists()
+            and (self.model.startswith(("/", ".", "~")) or self.model.count("/") != 1)
         ):  # not a hub id ("org/name") either
-            raise ConfigError(f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing folder")
+            raise ConfigError(
+                f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing folder"
+            )
         if self.judge == "llm" and not self.judge_config.model:
             raise ConfigError("--judge llm needs the judge model's name: pass --judge-model NAME")
 
@@ -176,6 +208,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # short completions suit a ~1.5 M-parameter model whose replies are one or two sentences.
     "tiny": {
         "name": "grpo-tiny",
+        # One thread: the tiny model's matrices are too small for intra-op parallelism to pay, and on a busy
+        # 2-core machine OpenMP's thread synchronisation made a rollout 4x slower in wall time (measured).
+        "torch_threads": 1,
         "max_steps": 120,
         "num_generations": 4,
         "batch_size": 32,

@@ -17,6 +17,7 @@ import argparse
 import sys
 from typing import Any, NoReturn
 
+import torch
 import yaml
 
 from grpo_fast import trainer_dist
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_args(argv)
         env = trainer_dist.init()
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         if env.is_main:
             prepare_run_dir(cfg)
             print("config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())

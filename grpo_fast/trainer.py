@@ -138,8 +138,9 @@ class GRPOTrainer:
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
-            self._perms = {epoch: random.Random(f"{self.cfg.seed}/epoch/{epoch}").sample(range(len(self.items)),
-                                                                                         len(self.items))}
+            self._perms = {
+                epoch: random.Random(f"{self.cfg.seed}/epoch/{epoch}").sample(range(len(self.items)), len(self.items))
+            }
         return self._perms[epoch]
 
     def prompt_slots(self, step: int, micro: int) -> range:
@@ -160,20 +161,24 @@ class GRPOTrainer:
         batch = collate(self.policy, items)
         longest = int(batch.prompt_mask.sum(1).max())
         if cfg.max_prompt_length is not None and longest > cfg.max_prompt_length:
-            raise ConfigError(f"a prompt has {longest} tokens (image tokens included) > max_prompt_length "
-                             f"{cfg.max_prompt_length}: raise it or lower the image's tile count")
+            raise ConfigError(
+                f"a prompt has {longest} tokens (image tokens included) > max_prompt_length "
+                f"{cfg.max_prompt_length}: raise it or lower the image's tile count"
+            )
         # within-step global row: micro-batches, then ranks, then prompts, then the G members
         first_row = (micro * self.env.world * cfg.prompts_per_batch + self.env.rank * cfg.prompts_per_batch) * G
         seeds = [row_seed(cfg.seed, step, first_row + i) for i in range(len(items))]
         sampler = SeededSampler(seeds, cfg.temperature, cfg.top_k, cfg.top_p)
         self.policy.model.eval()
-        out: Completions = generate(self.policy.model, batch, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                    max_new_tokens=cfg.max_completion_length, sampler=sampler)
+        out: Completions = generate(
+            self.policy.model, batch, tok, max_new_tokens=cfg.max_completion_length, sampler=sampler
+        )
         self.policy.model.train()
         texts = tok.batch_decode(out.ids, skip_special_tokens=True)
         batch.completion_ids = out.ids
-        batch.completion_mask = out.mask * (~out.truncated).long().unsqueeze(1) if cfg.mask_truncated_completions \
-            else out.mask
+        batch.completion_mask = (
+            out.mask * (~out.truncated).long().unsqueeze(1) if cfg.mask_truncated_completions else out.mask
+        )
         rewards = self.score(items, texts)
         advantages = self.compute_advantages(rewards)
         old_logp = self.logprobs(self.policy.model, batch) if cfg.num_iterations > 1 else None
@@ -197,8 +202,9 @@ class GRPOTrainer:
         if everything.shape[1] == 1:
             adv = group_advantages(everything[:, 0], self.cfg.num_generations, scale=self.cfg.scale_rewards)
         else:
-            adv = group_advantages(everything, self.cfg.num_generations, scale=self.cfg.scale_rewards,
-                                   weights=self.reward_weights)
+            adv = group_advantages(
+                everything, self.cfg.num_generations, scale=self.cfg.scale_rewards, weights=self.reward_weights
+            )
         b = rewards.shape[0]
         return adv[self.env.rank * b : (self.env.rank + 1) * b]
 
@@ -208,8 +214,9 @@ class GRPOTrainer:
         with self._autocast():
             hidden = completion_hidden(model, batch, self.env.device)
         head = lm_head(model)
-        return fused_linear_logprobs(hidden, head.weight, batch.completion_ids.to(self.env.device), head.bias,
-                                     temperature=self.cfg.temperature)
+        return fused_linear_logprobs(
+            hidden, head.weight, batch.completion_ids.to(self.env.device), head.bias, temperature=self.cfg.temperature
+        )
 
     def reference_logprobs(self, batch: Batch) -> torch.Tensor:
         if self.ref_model is not None:
@@ -225,13 +232,24 @@ class GRPOTrainer:
         with self._autocast():
             hidden = completion_hidden(self.policy.model, r.batch, dev)
         head = lm_head(self.policy.model)
-        to = (lambda t: None if t is None else t.to(dev))
+        to = lambda t: None if t is None else t.to(dev)
         return fused_linear_grpo_loss(
-            hidden, head.weight, r.batch.completion_ids.to(dev), r.batch.completion_mask.to(dev),
-            r.advantages.to(dev), head.bias, to(r.ref_logp), to(r.old_logp),
-            beta=cfg.beta, epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
-            loss_type=cfg.loss_type, importance_sampling_level=cfg.importance_sampling_level,
-            temperature=cfg.temperature, max_completion_length=cfg.max_completion_length,
+            hidden,
+            head.weight,
+            r.batch.completion_ids.to(dev),
+            r.batch.completion_mask.to(dev),
+            r.advantages.to(dev),
+            head.bias,
+            to(r.ref_logp),
+            to(r.old_logp),
+            beta=cfg.beta,
+            epsilon_low=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            delta=cfg.delta,
+            loss_type=cfg.loss_type,
+            importance_sampling_level=cfg.importance_sampling_level,
+            temperature=cfg.temperature,
+            max_completion_length=cfg.max_completion_length,
         )
 
     def loss_scales(self, rollouts: list[Rollout]) -> list[float]:
@@ -255,10 +273,13 @@ class GRPOTrainer:
             for r, scale in zip(rollouts, scales):
                 loss, metrics = self.loss(r)
                 (loss * scale).backward()
-                sums[:4] += scale * torch.stack([loss.detach().float().cpu()] + [
-                    metrics.get(k, torch.tensor(math.nan)).detach().float().cpu()
-                    for k in ("kl", "entropy", "clip_ratio/region_mean")
-                ])
+                sums[:4] += scale * torch.stack(
+                    [loss.detach().float().cpu()]
+                    + [
+                        metrics.get(k, torch.tensor(math.nan)).detach().float().cpu()
+                        for k in ("kl", "entropy", "clip_ratio/region_mean")
+                    ]
+                )
             sum_gradients(self.params, self.env)
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
             sums[4] += float(norm)
@@ -278,11 +299,19 @@ class GRPOTrainer:
         truncated = all_gather_cat(torch.cat([r.truncated.float() for r in rollouts]), self.env)
         loss, kl, entropy, clip, grad_norm = sums.tolist()
         return StepStats(
-            step=self.step, reward=total.mean().item(), reward_std=groups.std(dim=1).mean().item(),
+            step=self.step,
+            reward=total.mean().item(),
+            reward_std=groups.std(dim=1).mean().item(),
             frac_reward_zero_std=(groups.std(dim=1) < 1e-6).float().mean().item(),
-            completion_length=lengths.mean().item(), truncated=truncated.mean().item(), loss=loss,
-            kl=kl if self.cfg.beta > 0 else 0.0, entropy=entropy, clip_ratio=clip, grad_norm=grad_norm,
-            lr=self.scheduler.get_last_lr()[0], step_time=seconds,
+            completion_length=lengths.mean().item(),
+            truncated=truncated.mean().item(),
+            loss=loss,
+            kl=kl if self.cfg.beta > 0 else 0.0,
+            entropy=entropy,
+            clip_ratio=clip,
+            grad_norm=grad_norm,
+            lr=self.scheduler.get_last_lr()[0],
+            step_time=seconds,
         )
 
     def _autocast(self):
@@ -295,8 +324,9 @@ class GRPOTrainer:
         """Everything an exact resume needs (sampling is keyed on seed and step, so the step is the data position)."""
         return {
             "step": self.step,
-            "trainable": {n: p.detach().cpu().clone() for n, p in self.policy.model.named_parameters()
-                          if p.requires_grad},
+            "trainable": {
+                n: p.detach().cpu().clone() for n, p in self.policy.model.named_parameters() if p.requires_grad
+            },
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -323,8 +353,12 @@ def sample_rows(r: Rollout, step: int, count: int) -> list[dict[str, Any]]:
     """The first `count` completions of a rollout for samples.jsonl."""
     return [
         {
-            "step": step, "question": it["question"], "level": it["level"], "image": it["image"],
-            "completion": text, "rewards": [None if math.isnan(v) else v for v in rewards.tolist()],
+            "step": step,
+            "question": it["question"],
+            "level": it["level"],
+            "image": it["image"],
+            "completion": text,
+            "rewards": [None if math.isnan(v) else v for v in rewards.tolist()],
             "advantage": float(adv),
         }
         for it, text, rewards, adv in list(zip(r.items, r.texts, r.rewards, r.advantages))[:count]
@@ -362,15 +396,21 @@ def run(
             save_yaml(cfg, cfg.run_dir / "config.yaml")
         before = do_eval()
         log.log({"step": 0, **before})
-    bar = tqdm(range(trainer.step, cfg.max_steps), desc="grpo", unit="step", disable=not env.is_main,
-               initial=trainer.step, total=cfg.max_steps)
+    bar = tqdm(
+        range(trainer.step, cfg.max_steps),
+        desc="grpo",
+        unit="step",
+        disable=not env.is_main,
+        initial=trainer.step,
+        total=cfg.max_steps,
+    )
     after = None
     for _ in bar:
         stats, rollouts = trainer.train_step()
         step = stats.step
         bar.set_postfix(reward=f"{stats.reward:.3f}", kl=f"{stats.kl:.4f}", step_s=f"{stats.step_time:.1f}")
         if step % cfg.logging_steps == 0 or step == cfg.max_steps:
-            log.log(asdict(stats))
+            log.log(asdict(stats) | (judge.metrics() if hasattr(judge, "metrics") else {}))  # LLM judge counters
             log.samples(sample_rows(rollouts[0], step, cfg.log_samples))
         if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
             after = do_eval()

@@ -28,7 +28,9 @@ ROWS = (
 )
 
 
-def greedy_completions(policy: Policy, items: Sequence[dict[str, Any]], batch_size: int, max_new_tokens: int) -> list[str]:
+def greedy_completions(
+    policy: Policy, items: Sequence[dict[str, Any]], batch_size: int, max_new_tokens: int
+) -> list[str]:
     """One greedy completion per item, decoded without special tokens."""
     model, tok = policy.model, policy.tokenizer
     was_training = model.training
@@ -36,7 +38,7 @@ def greedy_completions(policy: Policy, items: Sequence[dict[str, Any]], batch_si
     texts: list[str] = []
     for start in range(0, len(items), batch_size):
         batch = collate(policy, items[start : start + batch_size])
-        out = generate(model, batch, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, max_new_tokens=max_new_tokens)
+        out = generate(model, batch, tok, max_new_tokens=max_new_tokens)
         texts += tok.batch_decode(out.ids, skip_special_tokens=True)
     model.train(was_training)
     return texts

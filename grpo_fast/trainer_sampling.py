@@ -15,7 +15,7 @@ import hashlib
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from grpo_fast.data.collate import Batch
 
@@ -52,6 +52,13 @@ class SeededSampler(LogitsProcessor):
         return out.scatter_(1, picks, 0.0)
 
 
+def suppressed_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Special tokens a completion must never hold (image placeholders, chat markers, pad): all but EOS. An image
+    token sampled into a completion would make the prompt + completion forward see more image slots than images."""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return sorted(special - {tokenizer.eos_token_id})
+
+
 @dataclass
 class Completions:
     """Generated completions: `ids [B, C]` (pad after the end), `mask [B, C]` (1 up to and including EOS)."""
@@ -65,15 +72,20 @@ class Completions:
 def generate(
     model: torch.nn.Module,
     batch: Batch,
+    tokenizer: PreTrainedTokenizerBase,
     *,
-    eos_id: int,
-    pad_id: int,
     max_new_tokens: int,
     sampler: SeededSampler | None = None,
 ) -> Completions:
     """Completions for the prompts of `batch`: sampled with `sampler`, or greedy when it is None."""
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        suppress_tokens=suppressed_ids(tokenizer),
+        use_cache=True,
     )
     device = next(model.parameters()).device
     out = model.generate(

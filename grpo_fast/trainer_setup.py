@@ -51,7 +51,11 @@ def warm_start(cfg: GRPOConfig, env: DistEnv) -> str:
         return cfg.model
     out = warm_start_dir(cfg)
     sft_cfg = sft.SFTConfig(
-        data=cfg.data, skip_bad_lines=cfg.skip_bad_lines, model=cfg.model, steps=cfg.sft_steps, seed=cfg.seed,
+        data=cfg.data,
+        skip_bad_lines=cfg.skip_bad_lines,
+        model=cfg.model,
+        steps=cfg.sft_steps,
+        seed=cfg.seed,
         out=str(out),
     )
     saved = out / "checkpoint" / "sft_config.json"
@@ -90,8 +94,11 @@ def _apply_liger(model: torch.nn.Module, env: DistEnv) -> None:
     except ImportError:
         raise ConfigError("--use-liger needs liger-kernel: pip install 'grpo_fast[gpu]'") from None
     # The fused linear cross-entropy patch is for SFT losses; GRPO computes its own loss from the hidden states.
-    _apply_liger_kernel_to_instance(model=model.get_base_model() if hasattr(model, "get_base_model") else model,
-                                    fused_linear_cross_entropy=False, cross_entropy=False)
+    _apply_liger_kernel_to_instance(
+        model=model.get_base_model() if hasattr(model, "get_base_model") else model,
+        fused_linear_cross_entropy=False,
+        cross_entropy=False,
+    )
 
 
 def _fsdp(model: torch.nn.Module) -> None:
