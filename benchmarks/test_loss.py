@@ -81,6 +81,7 @@ def _step(impl: str, x: dict[str, torch.Tensor]):
             loss_from_logp(logp).backward()
     elif impl == "liger":
         liger = pytest.importorskip("liger_kernel.chunked_loss").LigerFusedLinearGRPOLoss(beta=BETA)
+        torch._dynamo.reset()  # Liger torch.compiles its chunk function; a stale graph from another shape breaks it
 
         def run():
             loss, _ = liger(hidden, weight, x["targets"], x["mask"], x["advantages"], ref_per_token_logps=x["ref_logp"])
