@@ -39,6 +39,7 @@ CASES = [
     (AMBIG, "The triangle is green.", 1, False),
     (AMBIG, "There is only one triangle and it is red.", 1, False),
     (AMBIG, "There are three triangles: a red one, a blue one and a green one. Which one?", 4, False),
+    (AMBIG, "There are three triangles. Which one do you mean?", 4, False),  # the count alone is wrong
     (AMBIG, "Which triangle do you mean, the red one or the purple one?", 4, False),
     # unambiguous "What colour is the circle?": plain correct answer -> 4, speculation -> 2, ask back -> 1
     (UNAMBIG, "The circle is green.", 4, True),
