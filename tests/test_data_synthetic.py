@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 
 from grpo_fast.data import Scene, Target, load_seed
+from grpo_fast.data.phrasing import describe
 from grpo_fast.data.synthetic import generate, main
 from grpo_fast.vision import closest_grid
 
@@ -61,3 +62,13 @@ def test_cli_writes_splits_and_rejects_bad_n(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--n", "1"])
     assert "n must be at least 2" in capsys.readouterr().err
+
+
+def test_caption_names_every_object_left_to_right(data):
+    _, paths = data
+    it = load_seed(paths["train"])[0]
+    scene = Scene.from_dict(it["scene"])
+    caption = describe(scene)
+    ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    positions = [caption.index(f"a {o.size} {o.colour} {o.shape}") for o in ordered]
+    assert caption.startswith("I see ") and positions == sorted(positions)
