@@ -1,0 +1,73 @@
+"""`python -m grpo_fast.train` configuration: presets, YAML and flags, --help, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from grpo_fast.config import PRESETS, GRPOConfig, build_config, fields_by_name
+from grpo_fast.train import main, parse_args
+
+
+def test_defaults_are_trl_names_and_values_and_the_tiny_preset_applies():
+    raw = GRPOConfig()
+    assert (raw.beta, raw.epsilon, raw.epsilon_high, raw.delta, raw.loss_type) == (0.0, 0.2, None, None, "dapo")
+    assert (raw.importance_sampling_level, raw.scale_rewards, raw.num_iterations) == ("token", "group", 1)
+    assert (raw.num_generations, raw.temperature, raw.top_p, raw.learning_rate) == (8, 1.0, 1.0, 1e-6)
+    cfg = build_config({})
+    assert cfg.preset == "tiny" and cfg.num_generations == PRESETS["tiny"]["num_generations"]
+    ref = build_config({"preset": "reference"})
+    assert (ref.lora, ref.learning_rate, ref.num_generations, ref.batch_size) == (8, 5e-6, 2, 4)
+    assert (ref.gradient_accumulation_steps, ref.max_prompt_length, ref.max_completion_length) == (2, 250, 200)
+    assert (ref.beta, ref.bf16, ref.lr_scheduler_type) == (0.01, True, "cosine")
+    assert build_config({"preset": "none"}).num_generations == 8
+
+
+def test_yaml_under_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"learning-rate": 3e-4, "beta": 0.02, "judge_timeout_s": 5, "epsilon_high": 0.28}))
+    cfg = parse_args(["--config", str(path), "--beta", "0.05", "--top_k", "20", "--overwrite", "--warm-start", "no"])
+    assert (cfg.learning_rate, cfg.beta, cfg.top_k, cfg.epsilon_high) == (3e-4, 0.05, 20, 0.28)
+    assert (cfg.overwrite, cfg.warm_start, cfg.judge_config.timeout_s) == (True, False, 5.0)
+    assert parse_args(["--epsilon-high", "none"]).epsilon_high is None
+
+
+def test_help_lists_every_field():
+    out = subprocess.run(
+        [sys.executable, "-m", "grpo_fast.train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for key in fields_by_name():
+        assert f"--{key.replace('_', '-')}" in out, key
+    assert "KL coefficient" in out and "tiny preset: 4" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bogus", "1"], "unrecognized arguments: --bogus"),
+        (["--learning-rate", "-1"], "learning_rate must be > 0"),
+        (["--learning-rate", "fast"], "learning_rate must be float"),
+        (["--num-generations", "1"], "num_generations must be >= 2"),
+        (["--batch-size", "10"], "batch_size (10) must be a positive multiple of num_generations (4)"),
+        (["--loss-type", "ppo"], "loss_type must be one of"),
+        (["--model", "{tmp}/missing-model"], "is neither a preset (tiny) nor an existing folder"),
+        (["--config", "{tmp}/bad.yaml"], "unknown config key 'learning_rat'"),
+        (["--config", "{tmp}/nope.yaml"], "does not exist"),
+        (["--judge", "llm"], "--judge llm needs the judge model's name"),
+        (["--name", "taken"], "holds another run: pass --overwrite"),
+        (["--name", "fresh", "--resume"], "has no checkpoint to continue from"),
+        (["--data", "{tmp}/empty-data", "--name", "x"], "has no train.jsonl"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
+    (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
+    (tmp_path / "runs/taken").mkdir(parents=True)
+    (tmp_path / "runs/taken/config.yaml").write_text("{}")
+    (tmp_path / "empty-data").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(tmp=tmp_path) for a in args] + ["--output-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert (tmp_path / "runs/taken/config.yaml").read_text() == "{}"  # nothing overwritten

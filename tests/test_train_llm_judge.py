@@ -1,0 +1,54 @@
+"""A 2-step training run with `--judge llm` against the local OpenAI-compatible stub server."""
+
+import json
+
+from grpo_fast.data import generate
+from grpo_fast.rewards.stub_server import StubServer, hash_reply
+from grpo_fast.train import main
+
+
+def test_two_steps_with_the_llm_judge(tmp_path, monkeypatch):
+    generate(tmp_path / "data", n=24, seed=0)
+    monkeypatch.setenv("STUB_KEY", "unused")
+    with StubServer(hash_reply) as server:
+        main(
+            [
+                "--judge",
+                "llm",
+                "--judge-model",
+                "stub-judge",
+                "--judge-base-url",
+                server.url,
+                "--judge-api-key-env",
+                "STUB_KEY",
+                "--judge-cache-path",
+                str(tmp_path / "judge.sqlite"),
+                "--data",
+                str(tmp_path / "data"),
+                "--output-dir",
+                str(tmp_path / "runs"),
+                "--warm-start",
+                "false",
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--num-generations",
+                "4",
+                "--max-completion-length",
+                "6",
+                "--eval-items",
+                "2",
+            ]
+        )
+        requests = list(server.requests)
+    records = [json.loads(line) for line in (tmp_path / "runs/grpo-tiny/metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    # the judge's own counters are logged with each step: 8 completions, a strategy and a factual request at least
+    assert all(r["judge/completions"] == 8 and r["judge/requests"] >= 2 for r in steps)
+    assert all(r["model"] == "stub-judge" for r in (q.body for q in requests))
+    assert any(q.image_urls for q in requests) and any(not q.image_urls for q in requests)
+    # the stub's hashed scores give rewards that vary within groups: the judge's verdicts reached the loss
+    assert any(r["reward_std"] > 0 for r in steps)
+    assert [r["step"] for r in records if "eval/reward" in r] == [0, 2]
