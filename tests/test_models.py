@@ -5,8 +5,9 @@ import torch
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
-from grpo_fast.data import generate, load_seed
+from grpo_fast.data import load_seed
 from grpo_fast.data.collate import collate, render_prompt
+from grpo_fast.data.synthetic import generate
 from grpo_fast.models import Policy, Tiling, build_tokenizer, load_policy
 
 

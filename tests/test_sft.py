@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from grpo_fast.data import generate
+from grpo_fast.data.synthetic import generate
 from grpo_fast.models import load_policy
 from grpo_fast.sft import SFTConfig, main, parse_args, train
 

@@ -20,7 +20,7 @@ from grpo_fast.data.phrasing import gold_answer, question, warm_start_reply
 from grpo_fast.data.scene import COLOURS, RADIUS, SHAPES, SIZES, Scene, SceneObject, Target, render
 
 SPLITS = ("train", "val")
-MIN_SIDE, MAX_SIDE = 96, 256  # canvas side range in pixels
+MIN_SIDE, MAX_SIDE = 96, 192  # canvas side range in pixels
 MARGIN = 3  # minimum gap in pixels between objects and to the border
 
 

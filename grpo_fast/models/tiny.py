@@ -55,7 +55,7 @@ def build_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 400) -
 
 @dataclass(frozen=True)
 class TinySpec:
-    """Sizes of the tiny model (defaults: about 1.5 M parameters; see `tiny_internvl`)."""
+    """Sizes of the tiny model (defaults: about 1.1 M parameters; see `tiny_internvl`)."""
 
     tile_size: int = 64  # pixels per tile side
     patch_size: int = 8  # pixels per ViT patch side: (64 / 8)^2 = 64 patches per tile
@@ -76,6 +76,9 @@ def tiny_internvl(tokenizer: PreTrainedTokenizerFast, spec: TinySpec = TinySpec(
         intermediate_size=2 * spec.vision_hidden,
         image_size=spec.tile_size,
         patch_size=spec.patch_size,
+        # InternViT scales each block's output by a learned factor that starts at 0.1 (for deep pretrained
+        # towers); from scratch that starved the image path, so the tiny tower starts at 1.
+        layer_scale_init_value=1.0,
     )
     text = Qwen2Config(
         vocab_size=len(tokenizer),
