@@ -1,7 +1,5 @@
 """RuleJudge on a table of phrasings, on generated gold and warm-start replies, and through the reward mapping."""
 
-import random
-
 import pytest
 
 from grpo_fast.data import Scene, SceneObject, Target, gold_answer, warm_start_reply
@@ -124,4 +122,4 @@ def test_length_mismatch_is_an_error():
 
 def test_target_noun_phrases():
     assert Target("triangle", "small").with_colour("red") == "small red triangle"
-    assert random.Random(0).random() == random.Random(0).random()  # item generators are seedable
+    assert Target("triangle").with_colour("red") == "red triangle" and Target("circle", "big").noun == "big circle"
