@@ -58,7 +58,7 @@ class GRPOConfig:
     warm_start_dir: str | None = _f(
         None, "where the warm start is written and reused from (None: <output_dir>/warm-start)", "model"
     )
-    sft_steps: int = _f(300, "warm start: SFT optimizer steps", "model")
+    sft_steps: int | None = _f(None, "warm start: SFT optimizer steps (None: grpo_fast.sft's default)", "model")
     lora: int = _f(0, "LoRA rank on all attention and MLP projections (0: full fine-tuning; needs peft)", "model")
     lora_alpha: int = _f(16, "LoRA alpha", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory", "model")
@@ -144,7 +144,6 @@ class GRPOConfig:
             "save_total_limit",
             "eval_batch_size",
             "n",
-            "sft_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -168,8 +167,9 @@ class GRPOConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 1:
-            raise ConfigError(f"max_prompt_length must be >= 1 or None, got {self.max_prompt_length}")
+        for name in ("max_prompt_length", "sft_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         choices = {
             "lr_scheduler_type": ("linear", "cosine", "constant"),
             "loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),

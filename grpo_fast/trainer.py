@@ -88,7 +88,7 @@ def completion_hidden(model: torch.nn.Module, batch: Batch, device: torch.device
     """Last hidden states `[B, C, D]` at the positions that predict each completion token (shifted by one)."""
     inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(lm_head(model).weight.dtype)
-    hidden = backbone(model)(**inputs).last_hidden_state
+    hidden = backbone(model)(**inputs, use_cache=False).last_hidden_state
     prompt, width = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     return hidden[:, prompt - 1 : prompt - 1 + width]
 

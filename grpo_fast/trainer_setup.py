@@ -50,20 +50,16 @@ def warm_start(cfg: GRPOConfig, env: DistEnv) -> str:
     if cfg.model not in PRESETS or not cfg.warm_start:
         return cfg.model
     out = warm_start_dir(cfg)
+    steps = {} if cfg.sft_steps is None else {"steps": cfg.sft_steps}
     sft_cfg = sft.SFTConfig(
-        data=cfg.data,
-        skip_bad_lines=cfg.skip_bad_lines,
-        model=cfg.model,
-        steps=cfg.sft_steps,
-        seed=cfg.seed,
-        out=str(out),
+        data=cfg.data, skip_bad_lines=cfg.skip_bad_lines, model=cfg.model, seed=cfg.seed, out=str(out), **steps
     )
     saved = out / "checkpoint" / "sft_config.json"
     if saved.is_file() and json.loads(saved.read_text()) == dataclasses.asdict(sft_cfg):
         if env.is_main:
             print(f"warm start: reusing {out / 'checkpoint'}")
     elif env.is_main:
-        print(f"warm start: SFT for {cfg.sft_steps} steps into {out}")
+        print(f"warm start: SFT for {sft_cfg.steps} steps into {out}")
         print("warm start:", json.dumps(sft.train(sft_cfg)))
     barrier(env)
     return str(out / "checkpoint")

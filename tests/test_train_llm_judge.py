@@ -2,7 +2,7 @@
 
 import json
 
-from grpo_fast.data import generate
+from grpo_fast.data.synthetic import generate
 from grpo_fast.rewards.stub_server import StubServer, hash_reply
 from grpo_fast.train import main
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from grpo_fast.config import build_config
-from grpo_fast.data import generate, load_seed
+from grpo_fast.data import load_seed
 from grpo_fast.data.collate import collate
+from grpo_fast.data.synthetic import generate
 from grpo_fast.kernels import reference
 from grpo_fast.models import load_policy
 from grpo_fast.rewards import RuleJudge

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from grpo_fast.data import generate
+from grpo_fast.data.synthetic import generate
 from grpo_fast.rewards.stub_server import StubServer, hash_reply
 
 # The stub judge's hashed verdicts give a random model's completions varied rewards, hence a real gradient.
