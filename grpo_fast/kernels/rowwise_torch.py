@@ -9,7 +9,9 @@ never allocated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,6 +21,32 @@ _BLOCK_ELEMS = 1 << 19  # fp32 values per scratch block: 2 MiB (3 rows at a 150k
 
 # (start, end, logp [r], entropy [r]) -> d loss / d logp [r] for rows start:end
 DlogpFn = Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@contextlib.contextmanager
+def _one_intraop_thread() -> Iterator[None]:
+    """Run the row ops on one intra-op thread. A block is ~0.3 ms of work: split over OpenMP threads, every op
+    pays a fork/join, and on a CPU shared with any other process one descheduled thread stalls them all (measured
+    on 2 cores beside one busy process: the whole fused loss 2.1x slower with 2 threads than with 1). On an idle
+    machine one thread costs ~3% of the fused loss; the GEMMs around the row ops keep every thread."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _single_threaded(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _one_intraop_thread():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _blocks(rows: int, n_cols: int) -> tuple[int, range]:
@@ -60,6 +88,7 @@ def _target_logits(logits: torch.Tensor, targets: torch.Tensor, inv_t: float) ->
     return logits.gather(1, targets.view(-1, 1).long()).squeeze(1).float() * inv_t
 
 
+@_single_threaded
 def row_stats(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -82,6 +111,7 @@ def row_stats(
     return _target_logits(logits, targets, inv_t) - lse, lse, entropy
 
 
+@_single_threaded
 def logprobs_and_grad_(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, dlogp_fn: DlogpFn
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +146,7 @@ def logprobs_and_grad_(
     return logp, entropy
 
 
+@_single_threaded
 def row_grad(
     logits: torch.Tensor,
     targets: torch.Tensor,
