@@ -15,6 +15,7 @@ from grpo_fast.data.synthetic import generate
 from grpo_fast.kernels import reference
 from grpo_fast.models import load_policy
 from grpo_fast.rewards import RuleJudge
+from grpo_fast.rewards.stub_server import StubServer, hash_reply
 from grpo_fast.train import main
 from grpo_fast.trainer import GRPOTrainer
 from grpo_fast.trainer_dist import DistEnv
@@ -179,18 +180,24 @@ def test_rollouts_are_whole_groups_with_eos_masks(data):
     assert collate(policy, r.items[:1]).prompt_ids.shape[1] == r.batch.prompt_ids.shape[1]
 
 
-def test_resume_continues_exactly(tmp_path, data):
+def test_resume_continues_exactly(tmp_path, data, monkeypatch):
     """A run stopped after step 2 (its step-3 checkpoint and later logs removed) and resumed ends bit-identical."""
-    args = ["--warm-start", "false", "--save-steps", "1", "--eval-items", "2", "--max-steps", "3", "--name", "r"]
-    _run(tmp_path, data, *args)
-    run = tmp_path / "runs/r"
-    last = run / "checkpoints/step-000003"
-    straight = torch.load(last / "trainer_state.pt", weights_only=False)
-    logged = (run / "metrics.jsonl").read_text().splitlines()
-    shutil.rmtree(last)
-    _run(tmp_path, data, *args[:-2], "--name", "r", "--resume")
+    # the stub judge's hashed verdicts give the random model varied rewards, so every step really moves the weights
+    monkeypatch.setenv("STUB_KEY", "unused")
+    run, last = tmp_path / "runs/r", tmp_path / "runs/r/checkpoints/step-000003"
+    with StubServer(hash_reply) as server:
+        judge = ["--judge", "llm", "--judge-model", "stub", "--judge-base-url", server.url]
+        args = [*judge, "--judge-api-key-env", "STUB_KEY", "--warm-start", "false", "--save-steps", "1"]
+        args += ["--eval-items", "2", "--max-steps", "3", "--name", "r"]
+        _run(tmp_path, data, *args)
+        straight = torch.load(last / "trainer_state.pt", weights_only=False)
+        logged = (run / "metrics.jsonl").read_text().splitlines()
+        shutil.rmtree(last)
+        _run(tmp_path, data, *args, "--resume")
     resumed = torch.load(last / "trainer_state.pt", weights_only=False)
     assert resumed["step"] == 3
+    first = torch.load(run / "checkpoints/step-000002/trainer_state.pt", weights_only=False)["trainable"]
+    assert any(not torch.equal(value, first[name]) for name, value in straight["trainable"].items())  # step 3 moved
     for name, value in straight["trainable"].items():
         assert torch.equal(value, resumed["trainable"][name]), name
     for key in ("exp_avg", "exp_avg_sq"):
