@@ -13,6 +13,7 @@ Batch semantics follow TRL: `batch_size` counts completions per device and micro
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,6 +193,15 @@ class GRPOConfig:
             raise ConfigError(
                 f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing folder"
             )
+        needs = {
+            "tensorboard": self.report_to == "tensorboard",
+            "wandb": self.report_to == "wandb",
+            "peft": self.lora > 0,
+        }
+        for package, needed in needs.items():
+            if needed and importlib.util.find_spec(package) is None:
+                flag = "--lora" if package == "peft" else f"--report-to {package}"
+                raise ConfigError(f"{flag} needs the {package} package: pip install {package}")
         if self.judge == "llm" and not self.judge_config.model:
             raise ConfigError("--judge llm needs the judge model's name: pass --judge-model NAME")
 

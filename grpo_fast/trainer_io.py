@@ -95,7 +95,7 @@ class RunLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ConfigError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+                raise ConfigError("--report_to tensorboard needs tensorboard: pip install tensorboard") from None
             self._tb = SummaryWriter(str(self.dir / "tensorboard"))
         elif cfg.report_to == "wandb":
             try:

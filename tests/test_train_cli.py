@@ -55,6 +55,7 @@ def test_help_lists_every_field():
         (["--config", "{tmp}/bad.yaml"], "unknown config key 'learning_rat'"),
         (["--config", "{tmp}/nope.yaml"], "does not exist"),
         (["--judge", "llm"], "--judge llm needs the judge model's name"),
+        (["--report-to", "neptune"], "report_to must be one of"),
         (["--name", "taken"], "holds another run: pass --overwrite"),
         (["--name", "fresh", "--resume"], "has no checkpoint to continue from"),
         (["--data", "{tmp}/empty-data", "--name", "x"], "has no train.jsonl"),
