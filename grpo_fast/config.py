@@ -110,8 +110,6 @@ class GRPOConfig:
     save_steps: int = _f(50, "checkpoint every N steps (and at the end)", "logging")
     save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first)", "logging")
     report_to: str = _f("none", "also log to: none, tensorboard or wandb", "logging")
-    # distributed
-    fsdp: bool = _f(False, "shard the model with FSDP2 (fully_shard) under torchrun", "distributed")
     # the LLM judge's settings, flattened as judge_<field> (see grpo_fast.rewards.llm_judge.LLMJudgeConfig)
     judge_config: LLMJudgeConfig = field(default_factory=LLMJudgeConfig, metadata={"section": "judge"})
 

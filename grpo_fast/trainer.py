@@ -171,7 +171,7 @@ class GRPOTrainer:
         sampler = SeededSampler(seeds, cfg.temperature, cfg.top_k, cfg.top_p)
         self.policy.model.eval()
         out: Completions = generate(
-            self.policy.model, batch, tok, max_new_tokens=cfg.max_completion_length, sampler=sampler, synced=cfg.fsdp
+            self.policy.model, batch, tok, max_new_tokens=cfg.max_completion_length, sampler=sampler
         )
         self.policy.model.train()
         texts = tok.batch_decode(out.ids, skip_special_tokens=True)
@@ -382,7 +382,7 @@ def run(
     val = list(val_items[: cfg.eval_items] if cfg.eval_items else val_items)
 
     def do_eval() -> dict[str, float]:
-        return evaluate(policy, val, judge, env, cfg.eval_batch_size, cfg.max_completion_length, synced=cfg.fsdp)
+        return evaluate(policy, val, judge, env, cfg.eval_batch_size, cfg.max_completion_length)
 
     if cfg.resume:
         checkpoint = latest_checkpoint(cfg.run_dir)

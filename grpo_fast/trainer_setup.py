@@ -1,5 +1,5 @@
 """What a run needs before its first step: the data, the SFT warm start, the policy (LoRA, attention, Liger,
-gradient checkpointing, FSDP2), the frozen reference model and the judge."""
+gradient checkpointing), the frozen reference model and the judge."""
 
 from __future__ import annotations
 
@@ -97,16 +97,6 @@ def _apply_liger(model: torch.nn.Module, env: DistEnv) -> None:
     )
 
 
-def _fsdp(model: torch.nn.Module) -> None:
-    """FSDP2: each decoder layer is its own shard group, then the rest of the model."""
-    from torch.distributed.fsdp import fully_shard
-
-    for module in model.modules():
-        if type(module).__name__.endswith("DecoderLayer"):
-            fully_shard(module)
-    fully_shard(model)
-
-
 def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, torch.nn.Module | None]:
     """The trainable policy on `env.device` and, when `beta > 0` without LoRA, a frozen copy as reference
     (with LoRA the reference is the same model with its adapters disabled: None is returned)."""
@@ -128,10 +118,6 @@ def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, to
         if cfg.lora:
             model.enable_input_require_grads()
     model.to(env.device).train()
-    if cfg.fsdp:
-        if env.world == 1:
-            raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
-        _fsdp(model)
     policy.model = model
     return policy, ref
 
