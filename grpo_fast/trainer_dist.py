@@ -2,7 +2,7 @@
 
 Each rank rolls out its shard of the global batch of prompts; rewards are all-gathered so advantages are computed
 over whole groups and the whole batch (batch-std scaling sees every reward), gradients are summed across ranks
-(the loss is already normalised by global counts, see `trainer.loss_scale`), and only rank 0 writes.
+(the loss is already normalised by global counts, see `GRPOTrainer.loss_scales`), and only rank 0 writes.
 """
 
 from __future__ import annotations
