@@ -60,7 +60,9 @@ class JudgeReward:
         self.judge = judge
         self.__name__ = name or type(judge).__name__
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[str], **columns: Sequence[Any]) -> list[float | None]:
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[str], **columns: Sequence[Any]
+    ) -> list[float | None]:
         for key, values in columns.items():
             if len(values) != len(completions):
                 raise ValueError(f"column {key!r} has {len(values)} values for {len(completions)} completions")
