@@ -48,7 +48,9 @@ def test_logprobs_match_reference(backend, dtype, atol, b, t, d, v, chunk, tempe
         def fn(**kw):
             out = fused_linear_logprobs(**kw, temperature=temperature, chunk_size=chunk, return_entropy=return_entropy)
             logp, ent = out if return_entropy else (out, None)
-            loss = (logp * grad_logp.to(logp.dtype)).sum() + (0 if ent is None else (ent * grad_ent.to(ent.dtype)).sum())
+            loss = (logp * grad_logp.to(logp.dtype)).sum()
+            if ent is not None:
+                loss = loss + (ent * grad_ent.to(ent.dtype)).sum()
             loss.backward()
             return [logp] + ([ent] if ent is not None else [])
         return _grads(backend, fn, tensors)

@@ -54,7 +54,8 @@ H, W, T = torch.randn(2, 3, 4), torch.randn(11, 4), torch.randint(0, 11, (2, 3))
         (lambda: fused_linear_grpo_loss(H, W, T, torch.ones(2, 3), torch.randn(3)), "advantages must be"),
         (lambda: fused_linear_grpo_loss(H.int(), W, T, torch.ones(2, 3), torch.randn(2)), "hidden must be a float"),
         (lambda: fused_linear_grpo_loss(H, W, T, torch.ones(2, 2), torch.randn(2)), "mask has shape"),
-        (lambda: fused_linear_grpo_loss(H, W, torch.full((2, 3), -1), torch.ones(2, 3), torch.randn(2)), "targets out of range"),
+        (lambda: fused_linear_grpo_loss(H, W, torch.full((2, 3), -1), torch.ones(2, 3), torch.randn(2)),
+         "targets out of range"),
         (lambda: fused_linear_grpo_loss(H, W, T, torch.ones(2, 3), torch.randn(2), loss_type="x"), "loss_type"),
     ],
 )

@@ -23,7 +23,9 @@ def check_targets(targets: torch.Tensor, shape: torch.Size, vocab: int) -> None:
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
     if targets.shape != shape:
-        raise ValueError(f"targets has shape {tuple(targets.shape)}, expected {tuple(shape)} (the logits' leading dims)")
+        raise ValueError(
+            f"targets has shape {tuple(targets.shape)}, expected {tuple(shape)} (the logits' leading dims)"
+        )
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         raise ValueError(f"targets out of range: ids must lie in [0, {vocab}), got [{int(targets.min())}, "
                          f"{int(targets.max())}]")
