@@ -114,6 +114,8 @@ class GRPOTrainer:
         if len(weights) != len(self.reward_funcs):
             raise ValueError(f"{len(weights)} reward weights for {len(self.reward_funcs)} reward functions")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        if cfg.beta > 0 and ref_model is None and not hasattr(policy.model, "disable_adapter"):
+            raise ValueError("beta > 0 needs a reference: pass ref_model, or train LoRA adapters (their base is it)")
         self.ref_model = ref_model
         self.params = [p for p in policy.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(

@@ -157,7 +157,7 @@ def test_one_step_matches_a_full_logits_reference_step(data, loss_type):
 
 
 def test_rollouts_are_whole_groups_with_eos_masks(data):
-    cfg = build_config({"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "warm_start": False})
+    cfg = build_config({"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.0})
     policy = load_policy("tiny", seed=0)
     trainer = GRPOTrainer(cfg, policy, load_seed(data / "train.jsonl"), CPU, judge=RuleJudge())
     r = trainer.rollout(0, 0)
