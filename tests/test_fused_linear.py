@@ -179,8 +179,9 @@ def test_masked_vocab_entries(backend):
 
 
 def test_default_chunk_rows():
-    # a quarter of D at a large vocab: the chunk's logits cost 1/4 of the weight gradient
-    assert default_chunk_rows(151_936, 896) == 224
+    # D / 4 rounded up to a multiple of 128: the chunk's logits cost ~a quarter of the weight gradient
+    assert default_chunk_rows(151_936, 896) == 256
     assert default_chunk_rows(151_936, 4096) == 1024
-    # a small vocab gets at least 64 MiB of logits per chunk: 64 MiB / (1003 * 4 B) = 16,726 rows -> 16,720
-    assert default_chunk_rows(1003, 31) == 16_720
+    assert default_chunk_rows(151_936, 1536) == 384
+    # a small vocab gets at least 64 MiB of logits per chunk: 64 MiB / (1003 * 4 B) = 16,726 rows -> 16,640
+    assert default_chunk_rows(1003, 31) == 16_640

@@ -34,13 +34,13 @@ def default_chunk_rows(vocab: int, hidden_dim: int, itemsize: int = 4) -> int:
     """Rows per chunk, from V and D.
 
     Memory: the chunk's logits `[C, V]` cost C / D of the weight gradient `[V, D]` that the backward must hold
-    anyway, so C = D / 4 bounds the extra at a quarter of it (224 rows = 136 MB at D = 896, V = 151,936).
-    Speed: a GEMM with C >= ~200 rows runs near peak on CPU BLAS and cuBLAS, and when V is small the chunk grows
-    to at least 64 MiB of logits so that tiny vocabularies are not cut into thousands of launches.
-    Rounded down to a multiple of 16 (GEMM tile friendly); at least 16.
+    anyway, so C ~ D / 4 bounds the extra at about a quarter of it. Speed: C is rounded up to a multiple of 128,
+    the GEMM tile granularity (measured at D = 896, V = 151,936 on CPU BLAS: 224 rows 1.22x the three-GEMM
+    floor, 256 rows 1.15x; 256 rows of logits are 156 MB, 29% of the 544 MB weight gradient). When V is small,
+    the chunk grows to at least 64 MiB of logits so that tiny vocabularies are not cut into thousands of launches.
     """
-    rows = max(hidden_dim // 4, _MIN_CHUNK_BYTES // (vocab * itemsize))
-    return max(16, rows // 16 * 16)
+    rows = max(-(-(hidden_dim // 4) // 128) * 128, _MIN_CHUNK_BYTES // (vocab * itemsize) // 128 * 128)
+    return max(128, rows)
 
 
 def _chunk_logits(
