@@ -9,9 +9,8 @@ never allocated.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -23,28 +22,22 @@ _BLOCK_ELEMS = 1 << 19  # fp32 values per scratch block: 2 MiB (3 rows at a 150k
 DlogpFn = Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-@contextlib.contextmanager
-def _one_intraop_thread() -> Iterator[None]:
+def _single_threaded(fn):
     """Run the row ops on one intra-op thread. A block is ~0.3 ms of work: split over OpenMP threads, every op
     pays a fork/join, and on a CPU shared with any other process one descheduled thread stalls them all (measured
     on 2 cores beside one busy process: the whole fused loss 2.1x slower with 2 threads than with 1). On an idle
-    machine one thread costs ~3% of the fused loss; the GEMMs around the row ops keep every thread."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    machine one thread costs little; the GEMMs around the row ops keep every thread."""
 
-
-def _single_threaded(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _one_intraop_thread():
+        threads = torch.get_num_threads()
+        if threads == 1:
             return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
 
     return wrapper
 
