@@ -87,11 +87,11 @@ def generate(
         suppress_tokens=suppressed_ids(tokenizer),
         use_cache=True,
     )
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    inputs = {k: v.to(param.device) for k, v in batch.prompt_inputs().items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     out = model.generate(
-        input_ids=batch.prompt_ids.to(device),
-        attention_mask=batch.prompt_mask.to(device),
-        pixel_values=batch.pixel_values.to(device, next(model.parameters()).dtype),
+        **inputs,
         generation_config=config,
         logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
     )

@@ -1,7 +1,8 @@
-"""Tiny InternVL, its tokenizer, model inputs, and load_policy on presets and on -hf checkpoint folders."""
+"""Tiny InternVL, its tokenizer, model inputs, and load_policy on presets, InternVL -hf and Qwen-VL checkpoints."""
 
 import pytest
 import torch
+from tiny_qwen_vl import save_tiny_qwen_vl
 from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
 from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
 
@@ -9,6 +10,7 @@ from grpo_fast.data import load_seed
 from grpo_fast.data.collate import collate, render_prompt
 from grpo_fast.data.synthetic import generate
 from grpo_fast.models import Policy, Tiling, build_tokenizer, load_policy
+from grpo_fast.trainer_sampling import suppressed_ids
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,8 @@ def test_tokenizer_round_trip_and_special_tokens(policy):
 
 
 def test_prompt_expands_the_image_like_the_hf_processor(policy):
-    text = render_prompt(policy.tokenizer, "What colour is the circle?", 3 * 16)
+    image = "<img>" + "<IMG_CONTEXT>" * 48 + "</img>"
+    text = render_prompt(policy.tokenizer, "What colour is the circle?", "<IMG_CONTEXT>", image)
     assert text == (
         "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 48 + "</img>\nWhat colour is the circle?<|im_end|>\n"
         "<|im_start|>assistant\n"
@@ -133,5 +136,41 @@ def test_unknown_or_foreign_model_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="empty"):  # no config.json: transformers names the folder
         load_policy(tmp_path / "empty")
     Qwen2Config(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="is a 'qwen2' model; only InternVL"):
+    with pytest.raises(ValueError, match="is a 'qwen2' model; supported: InternVL \\(-hf\\), qwen2_vl"):
         load_policy(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_vl_checkpoint_collates_generates_and_scores_like_generate(model_type, items, tmp_path):
+    """Image tokens expanded per image grid, left-padded prompts; the prompt + completion forward (3-D rope positions
+    derived by the model from the image grids and the mask) gives the logits generate sampled from."""
+    policy = load_policy(save_tiny_qwen_vl(tmp_path / "ckpt", model_type))
+    assert policy.model.config.model_type == model_type
+    assert type(policy.model).__name__.endswith("ForConditionalGeneration")
+    assert policy.tiling is None and policy.image_processor.merge_size == 2
+    batch = collate(policy, items)
+    grid = batch.image_grid_thw
+    assert grid.shape == (4, 3) and batch.pixel_values.shape == (int(grid.prod(-1).sum()), 3 * 2 * 8 * 8)
+    assert (batch.image_token_mask.sum(1) == grid.prod(-1) // 4).all()  # 2 x 2 patches -> one token
+    assert torch.equal(batch.image_token_mask, (batch.prompt_ids == policy.image_token_id).long())
+    assert (batch.prompt_mask[:, -1] == 1).all() and (batch.prompt_mask[:, 0] == 0).any()  # left padding
+    with torch.no_grad():
+        out = policy.model.generate(
+            **batch.prompt_inputs(),
+            max_new_tokens=5,
+            min_new_tokens=5,
+            suppress_tokens=suppressed_ids(policy.tokenizer),  # no image token in a completion
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        batch.completion_ids = out.sequences[:, batch.prompt_ids.shape[1] :]
+        batch.completion_mask = torch.ones_like(batch.completion_ids)
+        inputs = batch.model_inputs()
+        assert "position_ids" not in inputs and inputs["mm_token_type_ids"].shape == batch.input_ids.shape
+        logits = policy.model(**inputs).logits[:, -6:-1]
+    torch.testing.assert_close(logits, torch.stack(out.logits, 1), rtol=1e-4, atol=1e-5)
+    policy.save(tmp_path / "saved")
+    loaded = load_policy(tmp_path / "saved")
+    assert loaded.image_processor.to_dict() == policy.image_processor.to_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(**inputs).logits[:, -6:-1], logits)

@@ -3,10 +3,12 @@ and exact resume."""
 
 import copy
 import json
+import math
 import shutil
 
 import pytest
 import torch
+from tiny_qwen_vl import save_tiny_qwen_vl
 
 from grpo_fast.config import build_config
 from grpo_fast.data import load_seed
@@ -93,10 +95,19 @@ def _copy_params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_one_step_matches_a_full_logits_reference_step(data, loss_type):
+def varied_reward(prompts, completions, **columns):
+    """A reward that tells a random model's completions apart (a function of their characters)."""
+    return [(sum(map(ord, c)) % 5) / 4 for c in completions]
+
+
+@pytest.mark.parametrize(
+    "model, loss_type",
+    [("tiny", "dapo"), ("tiny", "grpo"), ("qwen2_vl", "dapo"), ("qwen2_5_vl", "grpo"), ("qwen3_vl", "dapo")],
+)
+def test_one_step_matches_a_full_logits_reference_step(data, tmp_path, model, loss_type):
     """Two micro-batches with beta > 0, temperature 0.7: the trainer's gradient (fused kernel on hidden states, global
-    normalisation) equals autograd through the model's full logits and the reference loss formula."""
+    normalisation) equals autograd through the model's full logits and the reference loss formula; for the tiny
+    InternVL and for tiny random Qwen-VL checkpoints (3-D rope positions, image grids)."""
     cfg = build_config(
         {
             "batch_size": 8,
@@ -112,14 +123,15 @@ def test_one_step_matches_a_full_logits_reference_step(data, loss_type):
         }
     )
     items = load_seed(data / "train.jsonl")
-    policy = load_policy("tiny", seed=0)
+    policy = load_policy("tiny" if model == "tiny" else save_tiny_qwen_vl(tmp_path, model), seed=0)
     ref_model = copy.deepcopy(policy.model).requires_grad_(False)
     with torch.no_grad():  # make the reference differ from the policy so the KL term has a gradient
         for p in ref_model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     start = copy.deepcopy(policy.model)
-    trainer = GRPOTrainer(cfg, policy, items, CPU, judge=RuleJudge(), ref_model=ref_model)
+    trainer = GRPOTrainer(cfg, policy, items, CPU, reward_funcs=[varied_reward], ref_model=ref_model)
     stats, rollouts = trainer.train_step()
+    assert all(r.advantages.abs().max() > 0 for r in rollouts)
 
     total_tokens = sum(float(r.batch.completion_mask.sum()) for r in rollouts)
     loss = 0.0
@@ -146,7 +158,7 @@ def test_one_step_matches_a_full_logits_reference_step(data, loss_type):
         share = float(b.completion_mask.sum()) / total_tokens if loss_type == "dapo" else 0.5
         loss = loss + share * part
     loss.backward()
-    assert stats.loss == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
+    assert math.isfinite(stats.loss) and stats.loss == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
     grads = {n: p.grad for n, p in start.named_parameters()}
     for name, p in policy.model.named_parameters():
         if grads[name] is None:
@@ -154,6 +166,8 @@ def test_one_step_matches_a_full_logits_reference_step(data, loss_type):
         else:
             torch.testing.assert_close(p.grad, grads[name], rtol=1e-3, atol=1e-6, msg=name)
     assert any(g is not None and g.abs().max() > 0 for g in grads.values())
+    moved = dict(start.named_parameters())
+    assert any(not torch.equal(p, moved[name]) for name, p in policy.model.named_parameters())  # the update
 
 
 def test_rollouts_are_whole_groups_with_eos_masks(data):

@@ -1,4 +1,4 @@
-"""Policy models: the tiny built-in InternVL and loading of InternVL -hf checkpoints."""
+"""Policy models: the tiny built-in InternVL and loading of InternVL -hf and Qwen-VL checkpoints."""
 
 from grpo_fast.models.policy import PRESETS, Policy, Tiling, load_policy
 from grpo_fast.models.tiny import TinySpec, build_tokenizer, tiny_internvl

@@ -1,10 +1,15 @@
-"""`load_policy`: a policy model with its tokenizer and tiling, from a preset name or an InternVL -hf checkpoint.
+"""`load_policy`: a policy model with its tokenizer and image preprocessing, from a preset name or a checkpoint.
 
-A checkpoint folder is what `Policy.save` writes and what real -hf InternVL repositories hold: the model
-(config.json + safetensors), the tokenizer files (with InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>` tokens
-and a chat template) and preprocessor_config.json, whose tile size, tile bounds and normalisation drive the
-tiling. Log-probs for GRPO come the standard HF way: `model(..., output_hidden_states=True).hidden_states[-1]`
-and `model.get_output_embeddings().weight` (the lm_head).
+A checkpoint folder is what `Policy.save` writes and what real HF repositories hold: the model (config.json +
+safetensors), the tokenizer files (special tokens and a chat template) and preprocessor_config.json. Two families:
+- InternVL (-hf): the tokenizer has `<img>`, `</img>`, `<IMG_CONTEXT>`; the preprocessor config's tile size, tile
+  bounds and normalisation drive our C++ tiler (`Tiling`).
+- Qwen-VL (Qwen2-VL, Qwen2.5-VL, Qwen3-VL), through `AutoModelForImageTextToText`: HF's own image processor
+  (`AutoImageProcessor`: `pixel_values` patches + `image_grid_thw`) and the tokenizer's chat template. Not
+  `AutoProcessor`: it loads the video processor too, which needs torchvision (transformers#48558), so the
+  collate expands `<|image_pad|>` itself, as Qwen2VLProcessor does.
+Log-probs for GRPO come the standard HF way: the backbone's `last_hidden_state` and
+`model.get_output_embeddings().weight` (the lm_head).
 """
 
 from __future__ import annotations
@@ -14,13 +19,24 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    InternVLForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
 from grpo_fast.models.tiny import TinySpec, build_tokenizer, tiny_internvl
 from grpo_fast.vision import IMAGENET_MEAN, IMAGENET_STD, TiledImage, dynamic_tile
 
 PRESETS = {"tiny": TinySpec()}
+# model_type of the checkpoints loaded through AutoModelForImageTextToText + AutoImageProcessor
+QWEN_VL = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 @dataclass(frozen=True)
@@ -61,11 +77,18 @@ class Tiling:
 
 @dataclass
 class Policy:
-    """An InternVL model, its tokenizer and its tiling: all `grpo_fast.data.collate` needs to build inputs."""
+    """A VLM, its tokenizer and its image preprocessing: all `grpo_fast.data.collate` needs to build inputs.
+    InternVL has `tiling` (our tiler), Qwen-VL `image_processor` (HF's); exactly one is set."""
 
-    model: InternVLForConditionalGeneration
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    tiling: Tiling
+    tiling: Tiling | None
+    image_processor: BaseImageProcessor | None = None
+
+    @property
+    def image_token_id(self) -> int:
+        """The token that stands for one image embedding in the prompt (`<IMG_CONTEXT>`, `<|image_pad|>`)."""
+        return self.model.config.image_token_id
 
     @property
     def image_seq_length(self) -> int:
@@ -78,13 +101,15 @@ class Policy:
         """Writes a checkpoint folder that `load_policy(path)` (and HF's from_pretrained) reads back."""
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        self.tiling.image_processor().save_pretrained(path)
+        processor = self.tiling.image_processor() if self.tiling is not None else self.image_processor
+        processor.save_pretrained(path)
 
 
 def load_policy(name_or_path: str | Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Policy:
-    """A preset (`"tiny"`: freshly initialised with `seed`) or an InternVL -hf checkpoint (local folder or cached id).
+    """A preset (`"tiny"`: freshly initialised with `seed`) or an InternVL -hf / Qwen-VL checkpoint (local folder or
+    cached hub id).
 
-    Raises ValueError naming the problem for an unknown name or a checkpoint that is not InternVL.
+    Raises ValueError naming the problem for an unknown name or a checkpoint of another family.
     """
     name = str(name_or_path)
     if name in PRESETS:
@@ -96,16 +121,18 @@ def load_policy(name_or_path: str | Path, dtype: torch.dtype = torch.float32, se
         raise ValueError(f"unknown model {name!r}: not a preset ({', '.join(PRESETS)}) nor an existing folder")
     try:
         config = AutoConfig.from_pretrained(name)
-        if config.model_type != "internvl":
+        if config.model_type not in ("internvl", *QWEN_VL):
             raise ValueError(
-                f"{name!r} is a {config.model_type!r} model; only InternVL (-hf) checkpoints are supported"
+                f"{name!r} is a {config.model_type!r} model; supported: InternVL (-hf), {', '.join(QWEN_VL)}"
             )
-        model = InternVLForConditionalGeneration.from_pretrained(name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(name)
-        tiling = Tiling.from_pretrained(name)
+        if config.model_type == "internvl":
+            model = InternVLForConditionalGeneration.from_pretrained(name, dtype=dtype)
+            return Policy(model, tokenizer, Tiling.from_pretrained(name))
+        model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
+        return Policy(model, tokenizer, None, AutoImageProcessor.from_pretrained(name))
     except OSError as e:
         raise ValueError(
-            f"cannot load model {name!r}: not a preset ({', '.join(PRESETS)}), nor an InternVL -hf checkpoint "
-            f"folder or cached hub id ({str(e).splitlines()[0]})"
+            f"cannot load model {name!r}: not a preset ({', '.join(PRESETS)}), nor an InternVL -hf / Qwen-VL "
+            f"checkpoint folder or cached hub id ({str(e).splitlines()[0]})"
         ) from e
-    return Policy(model, tokenizer, tiling)
