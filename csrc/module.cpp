@@ -30,15 +30,65 @@ std::string shape_str(const py::array& a) {
   return s + "]";
 }
 
-// A uint8 [H, W, 3] array with packed pixels (strides (any, 3, 1)) as an ImageView.
+// A uint8 [H, W, 3] array whose pixels are 3 bytes apart (strides (any, 3, 1)), or 4 (Pillow's storage viewed by
+// `pillow_rgb_view`: the 4th byte of every pixel must be readable), as an ImageView.
 ImageView image_view(const py::array& a, const std::string& what) {
   CHECK_ARG(a.dtype().is(py::dtype::of<uint8_t>()), what + " must be uint8, got " + std::string(py::str(a.dtype())));
   CHECK_ARG(a.ndim() == 3 && a.shape(2) == 3, what + " must have shape [H, W, 3], got " + shape_str(a));
   CHECK_ARG(a.shape(0) > 0 && a.shape(1) > 0, what + " has zero size: " + shape_str(a));
   CHECK_ARG(a.shape(0) < (1 << 30) && a.shape(1) < (1 << 30), what + " is too large: " + shape_str(a));
-  CHECK_ARG(a.strides(1) == 3 && a.strides(2) == 1, what + " must have packed RGB pixels (strides [*, 3, 1])");
+  CHECK_ARG((a.strides(1) == 3 || a.strides(1) == 4) && a.strides(2) == 1,
+            what + " must have packed RGB pixels (strides [*, 3, 1])");
   return ImageView{static_cast<const uint8_t*>(a.data()), static_cast<int>(a.shape(1)), static_cast<int>(a.shape(0)),
-                   static_cast<ptrdiff_t>(a.strides(0))};
+                   static_cast<ptrdiff_t>(a.strides(0)), static_cast<int>(a.strides(1))};
+}
+
+// The Arrow C data interface's structs (https://arrow.apache.org/docs/format/CDataInterface.html), a stable ABI.
+struct ArrowSchema {
+  const char* format;
+  const char* name;
+  const char* metadata;
+  int64_t flags;
+  int64_t n_children;
+  ArrowSchema** children;
+  ArrowSchema* dictionary;
+  void (*release)(ArrowSchema*);
+  void* private_data;
+};
+struct ArrowArray {
+  int64_t length;
+  int64_t null_count;
+  int64_t offset;
+  int64_t n_buffers;
+  int64_t n_children;
+  const void** buffers;
+  ArrowArray** children;
+  ArrowArray* dictionary;
+  void (*release)(ArrowArray*);
+  void* private_data;
+};
+
+// A Pillow image's own pixel memory, exported by `image.__arrow_c_array__()` as `width * height` fixed-size lists
+// of 4 uint8 (R, G, B, X/alpha), viewed without a copy as a read-only uint8 [height, width, 3] array with strides
+// (4 * width, 4, 1). The view owns `array` (its capsule releases the export when the view is freed).
+py::array pillow_rgb_view(const py::capsule& schema, const py::capsule& array, long long width, long long height) {
+  const auto* s = schema.get_pointer<ArrowSchema>();
+  const auto* a = array.get_pointer<ArrowArray>();
+  CHECK_ARG(s != nullptr && a != nullptr && s->release != nullptr && a->release != nullptr,
+            "the Arrow export was already released");
+  CHECK_ARG(std::string(s->format) == "+w:4" && s->n_children == 1 && std::string(s->children[0]->format) == "C",
+            "expected Pillow's Arrow export of 4 uint8 per pixel, got format " + std::string(s->format));
+  CHECK_ARG(width >= 1 && height >= 1 && a->length == width * height && a->offset == 0 && a->null_count == 0 &&
+                a->n_children == 1,
+            "the Arrow export does not hold width * height pixels");
+  const ArrowArray* bytes = a->children[0];
+  CHECK_ARG(bytes->length == 4 * a->length && bytes->offset == 0 && bytes->null_count == 0 &&
+                bytes->n_buffers == 2 && bytes->buffers[1] != nullptr,
+            "the Arrow export's pixel buffer is not 4 contiguous bytes per pixel");
+  py::array view(py::dtype::of<uint8_t>(), {height, width, 3LL}, {4 * width, 4LL, 1LL},
+                 static_cast<const uint8_t*>(bytes->buffers[1]), array);
+  view.attr("flags").attr("writeable") = false;
+  return view;
 }
 
 void check_size(long long v, const char* name) {
@@ -147,8 +197,11 @@ PYBIND11_MODULE(_tiling, m) {
         py::arg("max_tiles"),
         "InternVL's (cols, rows) for a width x height image; candidates by tile count, then cols ascending.");
   m.def("resize", &resize, py::arg("image"), py::arg("width"), py::arg("height"), py::arg("vertical_first_rule"),
-        "Pillow-exact BICUBIC resize of a uint8 [H, W, 3] array (strides [*, 3, 1]) to uint8 [height, width, 3].\n"
+        "Pillow-exact BICUBIC resize of a uint8 [H, W, 3] array (strides [*, 3 or 4, 1]) to uint8 [height, width, 3].\n"
         "vertical_first_rule: use Pillow >= 13's pass order (vertical first when the height shrinks much more).");
+  m.def("pillow_rgb_view", &pillow_rgb_view, py::arg("schema"), py::arg("array"), py::arg("width"), py::arg("height"),
+        "Read-only uint8 [height, width, 3] view (strides [4 * width, 4, 1]) of a Pillow image's pixels exported by\n"
+        "`image.__arrow_c_array__()` (RGB, RGBA, RGBX modes); keeps the export alive.");
   m.def("allow_simd", &grpo_fast::allow_simd, py::arg("allowed"),
         "Testing hook: False makes later calls use the portable scalar kernels instead of the AVX2 ones.");
   m.def("tile_batch", &tile_batch, py::arg("images"), py::arg("grids"), py::arg("outputs"), py::arg("tile_size"),

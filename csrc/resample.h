@@ -79,23 +79,6 @@ inline uint8_t clip8(int32_t acc) {
   return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-// Packs 8 RGB rows (pixels [0, n) of each; `safe_tail`: the byte after pixel n-1 is readable) into a strip
-// [n][8][3]. 4-byte moves, rows ascending: each move's 4th byte lands in a slot written later (strip has
-// one byte of padding at the end).
-inline void pack_strip(const uint8_t* const* rows, int n, bool safe_tail, uint8_t* strip) {
-  const int fast = safe_tail ? n : n - 1;
-  for (int x = 0; x < fast; ++x)
-    for (int r = 0; r < kStripRows; ++r) std::memcpy(strip + x * kStripLanes + r * 3, rows[r] + x * 3, 4);
-  for (int x = std::max(fast, 0); x < n; ++x)
-    for (int r = 0; r < kStripRows; ++r) std::memcpy(strip + x * kStripLanes + r * 3, rows[r] + x * 3, 3);
-}
-
-// Unpacks a strip [n][8][3] into 8 RGB rows (row r at dst + r * row_stride, which has one byte of padding).
-inline void unpack_strip(const uint8_t* strip, int n, uint8_t* dst, size_t row_stride) {
-  for (int x = 0; x < n; ++x)
-    for (int r = 0; r < kStripRows; ++r) std::memcpy(dst + r * row_stride + x * 3, strip + x * kStripLanes + r * 3, 4);
-}
-
 // Scalar kernels: the portable path and the definition the AVX2 kernels (kernels_avx2.cpp) must equal.
 namespace scalar {
 
@@ -137,6 +120,19 @@ inline void convolve_strip(const uint8_t* strip, int x0, const AxisPlan& plan, i
   }
 }
 
+// Packs pixels [0, n) of 8 rows (RGB first in each pixel, pixels `pixel_stride` = 3 or 4 bytes apart) into a
+// strip [n][8][3].
+inline void pack_strip(const uint8_t* const* rows, int n, int pixel_stride, uint8_t* strip) {
+  for (int x = 0; x < n; ++x)
+    for (int r = 0; r < kStripRows; ++r) std::memcpy(strip + x * kStripLanes + r * 3, rows[r] + x * pixel_stride, 3);
+}
+
+// Unpacks a strip [n][8][3] into 8 packed RGB rows (n pixels each).
+inline void unpack_strip(const uint8_t* strip, int n, uint8_t* const* rows) {
+  for (int x = 0; x < n; ++x)
+    for (int r = 0; r < kStripRows; ++r) std::memcpy(rows[r] + x * 3, strip + x * kStripLanes + r * 3, 3);
+}
+
 // Channel-planar float32 row from an RGB row: dst[c * plane + x] = (src[3x + c] / 255 - mean[c]) / std[c], the
 // same float32 operations as ToTensor + Normalize, so values match torch/numpy bit for bit.
 inline void normalize_row(const uint8_t* src, int n, const float* mean, const float* std, float* dst, size_t plane) {
@@ -145,8 +141,10 @@ inline void normalize_row(const uint8_t* src, int n, const float* mean, const fl
 }
 }  // namespace scalar
 
-// AVX2 versions of the three hot kernels (kernels_avx2.cpp), same signatures and results.
+// AVX2 versions of the hot kernels (kernels_avx2.cpp), same signatures and results.
 namespace avx2 {
+void pack_strip(const uint8_t* const* rows, int n, int pixel_stride, uint8_t* strip);
+void unpack_strip(const uint8_t* strip, int n, uint8_t* const* rows);
 void convolve_rows(const uint8_t* const* rows, const int32_t* k, int n, size_t len, uint8_t* dst);
 void convolve_strip(const uint8_t* strip, int x0, const AxisPlan& plan, int o0, int n_out, uint8_t* out);
 void normalize_row(const uint8_t* src, int n, const float* mean, const float* std, float* dst, size_t plane);

@@ -10,12 +10,14 @@
 
 namespace grpo_fast {
 
-// A uint8 RGB image: pixels packed (3 bytes each), rows `row_stride` bytes apart (may be negative).
+// A uint8 RGB image: pixels `pixel_stride` = 3 or 4 bytes apart (RGB first: 4 is Pillow's own storage, the 4th
+// byte ignored), rows `row_stride` bytes apart (may be negative).
 struct ImageView {
   const uint8_t* data = nullptr;
   int width = 0;
   int height = 0;
   ptrdiff_t row_stride = 0;
+  int pixel_stride = 3;
   const uint8_t* row(int y) const { return data + static_cast<ptrdiff_t>(y) * row_stride; }
 };
 

@@ -1,5 +1,6 @@
 """dynamic_tile (C++) against the PIL + numpy reference: Pillow parity, layout, modes, strides, threads, bad input."""
 
+import gc
 import io
 import threading
 
@@ -10,7 +11,7 @@ from PIL import Image
 
 from grpo_fast.vision import IMAGENET_STD, dynamic_tile, dynamic_tile_batch
 from grpo_fast.vision import reference as ref
-from grpo_fast.vision.tiling import allow_simd, pillow_resize
+from grpo_fast.vision.tiling import _as_array, allow_simd, pillow_resize
 
 LEVEL = 1 / 255  # the contract: within one uint8 level of the reference before normalization
 RAW = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # pixel_values == uint8 / 255
@@ -92,6 +93,33 @@ def test_resize_matches_installed_pillow(kernels):
         want = np.asarray(Image.fromarray(image).resize((w_out, h_out), Image.Resampling.BICUBIC))
         got = pillow_resize(image, w_out, h_out)
         assert np.abs(got.astype(int) - want).max() <= 1, (w_in, h_in, w_out, h_out)
+
+
+def pillow_four_byte(mode: str, height: int, width: int, seed: int) -> Image.Image:
+    """A noise image in one of the modes Pillow stores as 4 bytes per pixel, the 4th byte noise too."""
+    rgba = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
+    return Image.fromarray(rgba, "RGBA").convert(mode) if mode != "RGBA" else Image.fromarray(rgba, "RGBA")
+
+
+def test_resize_of_pillow_images_matches_installed_pillow(kernels):
+    # PIL images reach the resampler as views of Pillow's own 4-byte pixels: both pass orders, every width mod 8.
+    rng = np.random.default_rng(5)
+    for i in range(60):
+        w_in, h_in, w_out, h_out = (int(v) for v in rng.integers(1, 160, 4))
+        image = pillow_four_byte(("RGB", "RGBA", "RGBX")[i % 3], h_in, w_in, seed=i)
+        want = np.asarray(image.convert("RGB").resize((w_out, h_out), Image.Resampling.BICUBIC))
+        assert np.array_equal(pillow_resize(image, w_out, h_out), want), (image.mode, w_in, h_in, w_out, h_out)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "RGBX"])
+def test_pillow_pixels_are_viewed_without_a_copy(mode):
+    image = pillow_four_byte(mode, 50, 70, seed=6)
+    want = np.asarray(image.convert("RGB")).copy()
+    view = _as_array(image)
+    assert view.strides == (4 * 70, 4, 1) and not view.flags.writeable  # Pillow's own storage, read-only
+    del image
+    gc.collect()
+    assert np.array_equal(view, want)  # the view keeps the exported pixels alive
 
 
 def rgb_in_mode(mode: str) -> Image.Image:

@@ -63,10 +63,21 @@ def allow_simd(allowed: bool) -> None:
     _tiling.allow_simd(bool(allowed))
 
 
+# Pillow stores these modes as 4 bytes per pixel, R, G, B first; their RGB is what `.convert("RGB")` gives.
+_FOUR_BYTE_RGB_MODES = ("RGB", "RGBA", "RGBX")
+
+
 def _as_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """uint8 [H, W, 3] whose pixels are packed (row stride free): no copy for such numpy arrays."""
-    rgb = to_rgb(image)
-    array = np.asarray(rgb)
+    """uint8 [H, W, 3] whose pixels are packed (row stride free): no copy for such numpy arrays, nor for Pillow
+    images stored in one block (a view of Pillow's own 4-byte pixels through its Arrow export)."""
+    if isinstance(image, Image.Image) and image.mode in _FOUR_BYTE_RGB_MODES and image.width and image.height:
+        try:
+            schema, exported = image.__arrow_c_array__()
+        except (AttributeError, ValueError):  # Pillow < 11.2, or a large image held in several blocks
+            pass
+        else:
+            return _tiling.pillow_rgb_view(schema, exported, image.width, image.height)
+    array = np.asarray(to_rgb(image))
     if array.strides[1:] != (3, 1):
         array = np.ascontiguousarray(array)
     return array
