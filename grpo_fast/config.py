@@ -54,7 +54,9 @@ class GRPOConfig:
     n: int = _f(2000, "synthetic items to generate when the data folder is absent", "data")
     skip_bad_lines: bool = _f(False, "skip (and count) bad dataset lines instead of failing", "data")
     # model
-    model: str = _f("tiny", "preset name (tiny) or InternVL -hf checkpoint folder / hub id", "model")
+    model: str = _f(
+        "tiny", "preset name (tiny), or InternVL -hf / Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder or hub id", "model"
+    )
     warm_start: bool = _f(True, "SFT warm start first when --model is a preset (grpo_fast.sft)", "model")
     warm_start_dir: str | None = _f(
         None, "where the warm start is written and reused from (None: <output_dir>/warm-start)", "model"
@@ -110,6 +112,10 @@ class GRPOConfig:
     save_steps: int = _f(50, "checkpoint every N steps (and at the end)", "logging")
     save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first)", "logging")
     report_to: str = _f("none", "also log to: none, tensorboard or wandb", "logging")
+    # distributed
+    fsdp: bool = _f(
+        False, "shard parameters, gradients and optimizer state over torchrun processes with FSDP2", "distributed"
+    )
     # the LLM judge's settings, flattened as judge_<field> (see grpo_fast.rewards.llm_judge.LLMJudgeConfig)
     judge_config: LLMJudgeConfig = field(default_factory=LLMJudgeConfig, metadata={"section": "judge"})
 
@@ -200,6 +206,8 @@ class GRPOConfig:
             if needed and importlib.util.find_spec(package) is None:
                 flag = "--lora" if package == "peft" else f"--report-to {package}"
                 raise ConfigError(f"{flag} needs the {package} package: pip install {package}")
+        if self.fsdp and self.lora:
+            raise ConfigError("--fsdp shards full fine-tuning only: drop --lora (or --fsdp)")
         if self.judge == "llm" and not self.judge_config.model:
             raise ConfigError("--judge llm needs the judge model's name: pass --judge-model NAME")
 

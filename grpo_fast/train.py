@@ -28,7 +28,7 @@ from grpo_fast.trainer import run
 from grpo_fast.trainer_io import prepare_run_dir
 from grpo_fast.trainer_setup import build_judge, build_policy, load_data, warm_start
 
-SECTIONS = ("run", "data", "model", "generation", "reward", "optimization", "loss", "logging", "judge")
+SECTIONS = ("run", "data", "model", "generation", "reward", "optimization", "loss", "logging", "distributed", "judge")
 
 
 class _Parser(argparse.ArgumentParser):

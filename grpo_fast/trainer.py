@@ -23,9 +23,18 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from grpo_fast.config import ConfigError, GRPOConfig, save_yaml
@@ -78,17 +87,14 @@ def lm_head(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_output_embeddings()
 
 
-def backbone(model: torch.nn.Module) -> torch.nn.Module:
-    """The model without its lm_head (HF `*ForConditionalGeneration.model`, under a PEFT wrapper if any)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model
-
-
 def completion_hidden(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Last hidden states `[B, C, D]` at the positions that predict each completion token (shifted by one)."""
+    """Last hidden states `[B, C, D]` at the positions that predict each completion token (shifted by one).
+
+    Through the whole model's forward (logits of one position only, `[B, 1, V]`), not its backbone's: under FSDP2
+    the root's forward is what gathers the root unit's weights, the lm_head's among them."""
     inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
     inputs["pixel_values"] = inputs["pixel_values"].to(lm_head(model).weight.dtype)
-    hidden = backbone(model)(**inputs, use_cache=False).last_hidden_state
+    hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     prompt, width = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     return hidden[:, prompt - 1 : prompt - 1 + width]
 
@@ -173,7 +179,7 @@ class GRPOTrainer:
         sampler = SeededSampler(seeds, cfg.temperature, cfg.top_k, cfg.top_p)
         self.policy.model.eval()
         out: Completions = generate(
-            self.policy.model, batch, tok, max_new_tokens=cfg.max_completion_length, sampler=sampler
+            self.policy.model, batch, tok, max_new_tokens=cfg.max_completion_length, sampler=sampler, synced=cfg.fsdp
         )
         self.policy.model.train()
         texts = tok.batch_decode(out.ids, skip_special_tokens=True)
@@ -282,9 +288,10 @@ class GRPOTrainer:
                         for k in ("kl", "entropy", "clip_ratio/region_mean")
                     ]
                 )
-            sum_gradients(self.params, self.env)
+            if not cfg.fsdp:  # FSDP2 has reduce-scattered (summed) them in the backward
+                sum_gradients(self.params, self.env)
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            sums[4] += float(norm)
+            sums[4] += float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
             self.optimizer.step()
             self.scheduler.step()
         sums[:4] = all_sum(sums[:4], self.env)
@@ -323,27 +330,41 @@ class GRPOTrainer:
     # -- checkpoints ---------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything an exact resume needs (sampling is keyed on seed and step, so the step is the data position)."""
+        """Everything an exact resume needs (sampling is keyed on seed and step, so the step is the data position).
+        Under FSDP2 a collective (every rank calls it): the full weights and optimizer state land on rank 0."""
+        if self.cfg.fsdp:
+            model, full = self.policy.model, StateDictOptions(full_state_dict=True, cpu_offload=True)
+            trainable = get_model_state_dict(model, options=full)
+            optimizer = get_optimizer_state_dict(model, self.optimizer, options=full)
+        else:
+            trainable = {
+                n: p.detach().cpu().clone() for n, p in self.policy.model.named_parameters() if p.requires_grad
+            }
+            optimizer = self.optimizer.state_dict()
         return {
             "step": self.step,
-            "trainable": {
-                n: p.detach().cpu().clone() for n, p in self.policy.model.named_parameters() if p.requires_grad
-            },
-            "optimizer": self.optimizer.state_dict(),
+            "trainable": trainable,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        params = dict(self.policy.model.named_parameters())
-        missing = [n for n in state["trainable"] if n not in params]
-        if missing:
-            raise ValueError(f"checkpoint weights do not match the model (e.g. {missing[0]!r})")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
-        self.optimizer.load_state_dict(state["optimizer"])
+        model = self.policy.model
+        if self.cfg.fsdp:  # every rank reads the full state and keeps its shards
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, state["trainable"], options=full)
+            set_optimizer_state_dict(model, self.optimizer, state["optimizer"], options=full)
+        else:
+            params = dict(model.named_parameters())
+            missing = [n for n in state["trainable"] if n not in params]
+            if missing:
+                raise ValueError(f"checkpoint weights do not match the model (e.g. {missing[0]!r})")
+            with torch.no_grad():
+                for name, value in state["trainable"].items():
+                    params[name].copy_(value)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
@@ -384,7 +405,7 @@ def run(
     val = list(val_items[: cfg.eval_items] if cfg.eval_items else val_items)
 
     def do_eval() -> dict[str, float]:
-        return evaluate(policy, val, judge, env, cfg.eval_batch_size, cfg.max_completion_length)
+        return evaluate(policy, val, judge, env, cfg.eval_batch_size, cfg.max_completion_length, synced=cfg.fsdp)
 
     if cfg.resume:
         checkpoint = latest_checkpoint(cfg.run_dir)
@@ -418,13 +439,18 @@ def run(
             after = do_eval()
             log.log({"step": step, **after})
         if step % cfg.save_steps == 0 or step == cfg.max_steps:
+            state = trainer.state_dict()
             if env.is_main:
-                save_checkpoint(cfg.run_dir, step, trainer.state_dict(), policy.save, cfg)
+                # the gathered weights: a sharded model cannot save itself
+                save_model = partial(policy.save, state_dict=state["trainable"] if cfg.fsdp else None)
+                save_checkpoint(cfg.run_dir, step, state, save_model, cfg)
             barrier(env)
     if after is None:  # resumed at the end: nothing left to train
         after = do_eval()
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(policy.model, options=full) if cfg.fsdp else None  # a collective
     if env.is_main:
-        policy.save(cfg.run_dir / "final")  # LoRA: PEFT saves the adapter
+        policy.save(cfg.run_dir / "final", weights)  # LoRA: PEFT saves the adapter
         log.plot()
         log.close()
         print(format_table(before, after))

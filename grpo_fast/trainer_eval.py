@@ -29,7 +29,7 @@ ROWS = (
 
 
 def greedy_completions(
-    policy: Policy, items: Sequence[dict[str, Any]], batch_size: int, max_new_tokens: int
+    policy: Policy, items: Sequence[dict[str, Any]], batch_size: int, max_new_tokens: int, synced: bool = False
 ) -> list[str]:
     """One greedy completion per item, decoded without special tokens."""
     model, tok = policy.model, policy.tokenizer
@@ -38,7 +38,7 @@ def greedy_completions(
     texts: list[str] = []
     for start in range(0, len(items), batch_size):
         batch = collate(policy, items[start : start + batch_size])
-        out = generate(model, batch, tok, max_new_tokens=max_new_tokens)
+        out = generate(model, batch, tok, max_new_tokens=max_new_tokens, synced=synced)
         texts += tok.batch_decode(out.ids, skip_special_tokens=True)
     model.train(was_training)
     return texts
@@ -61,11 +61,23 @@ def summarize(levels: Sequence[str], judgments: Sequence[Judgment | None]) -> di
 
 
 def evaluate(
-    policy: Policy, items: Sequence[dict[str, Any]], judge: Judge, env: DistEnv, batch_size: int, max_new_tokens: int
+    policy: Policy,
+    items: Sequence[dict[str, Any]],
+    judge: Judge,
+    env: DistEnv,
+    batch_size: int,
+    max_new_tokens: int,
+    synced: bool = False,
 ) -> dict[str, float]:
-    """Greedy completions of `items` (sharded over ranks), judged; the same metrics on every rank."""
+    """Greedy completions of `items` (sharded over ranks), judged; the same metrics on every rank. With `synced`
+    (a sharded model) every rank runs the same generate calls: a short shard is padded with the first item, whose
+    extra completions are dropped."""
     mine = list(items[env.rank :: env.world])
-    texts = greedy_completions(policy, mine, batch_size, max_new_tokens) if mine else []
+    real = len(mine)
+    if synced:
+        mine += list(items[:1]) * (-(-len(items) // env.world) - real)
+    texts = greedy_completions(policy, mine, batch_size, max_new_tokens, synced)[:real] if mine else []
+    mine = mine[:real]
     judged = list(zip([it["level"] for it in mine], judge.judge(mine, texts) if mine else []))
     everything = [pair for part in all_gather_objects(judged, env) for pair in part]
     return summarize([lv for lv, _ in everything], [j for _, j in everything])

@@ -76,8 +76,10 @@ def generate(
     *,
     max_new_tokens: int,
     sampler: SeededSampler | None = None,
+    synced: bool = False,
 ) -> Completions:
-    """Completions for the prompts of `batch`: sampled with `sampler`, or greedy when it is None."""
+    """Completions for the prompts of `batch`: sampled with `sampler`, or greedy when it is None. `synced` keeps
+    every rank decoding until all are done (a sharded model's forward is a collective)."""
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -94,6 +96,7 @@ def generate(
         **inputs,
         generation_config=config,
         logits_processor=LogitsProcessorList([sampler] if sampler is not None else []),
+        synced_gpus=synced,
     )
     ids = out[:, batch.prompt_ids.shape[1] :].cpu()
     is_eos = ids == eos_id

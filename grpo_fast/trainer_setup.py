@@ -1,5 +1,5 @@
 """What a run needs before its first step: the data, the SFT warm start, the policy (LoRA, attention, Liger,
-gradient checkpointing), the frozen reference model and the judge."""
+gradient checkpointing, FSDP2), the frozen reference model and the judge."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from grpo_fast import sft
 from grpo_fast.config import ConfigError, GRPOConfig
@@ -97,6 +98,25 @@ def _apply_liger(model: torch.nn.Module, env: DistEnv) -> None:
     )
 
 
+def shard(model: torch.nn.Module) -> None:
+    """FSDP2 over all processes: each transformer block HF lists in `_no_split_modules` (decoder layers, vision
+    blocks) is a unit of its own, gathered just for its forward and backward; the root unit holds the rest
+    (embeddings, projector, final norm, lm_head: tied weights stay together). The root's forward must wrap every
+    use of its weights: log-probs come from the root's hidden states, and `generate` (which runs the vision
+    encoder and embeddings before its first forward) is registered as a forward method of the root.
+    Gradients are summed over ranks, not averaged: the loss is already normalised by global counts."""
+    blocks = set(model._no_split_modules or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "generate")
+    for module in model.modules():
+        if isinstance(module, FSDPModule):  # a plain SUM reduce-scatter (gloo has no pre-multiplied sum)
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+
+
 def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, torch.nn.Module | None]:
     """The trainable policy on `env.device` and, when `beta > 0` without LoRA, a frozen copy as reference
     (with LoRA the reference is the same model with its adapters disabled: None is returned)."""
@@ -118,6 +138,11 @@ def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, to
         if cfg.lora:
             model.enable_input_require_grads()
     model.to(env.device).train()
+    if cfg.fsdp:
+        if env.world == 1:
+            raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
+        for m in (model, ref) if ref is not None else (model,):
+            shard(m)
     policy.model = model
     return policy, ref
 

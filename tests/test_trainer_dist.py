@@ -1,4 +1,5 @@
-"""Data parallelism: 2 processes with gloo on CPU make the same update as 1 process on the same global batch."""
+"""Data parallelism and FSDP2: 2 processes with gloo on CPU make the same update as 1 process on the same global
+batch."""
 
 import json
 import os
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from grpo_fast.data.synthetic import generate
+from grpo_fast.models import load_policy
 from grpo_fast.rewards.stub_server import StubServer, hash_reply
 
 # The stub judge's hashed verdicts give a random model's completions varied rewards, hence a real gradient.
@@ -37,9 +39,9 @@ ARGS = [
 ]
 
 
-def _train(tmp_path, name, per_rank_batch, nproc, judge_url):
+def _train(tmp_path, name, per_rank_batch, nproc, judge_url, *extra):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "grpo_fast.train", *ARGS]
+    cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "grpo_fast.train", *ARGS, *extra]
     cmd += ["--data", str(tmp_path / "data"), "--output-dir", str(tmp_path / "runs"), "--name", name]
     cmd += ["--batch-size", str(per_rank_batch), "--judge-base-url", judge_url]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STUB_KEY": "unused"}
@@ -61,17 +63,50 @@ def _steps(tmp_path, name):
     return [r for r in map(json.loads, lines) if "reward" in r]
 
 
-def test_two_gloo_processes_equal_one_process(tmp_path):
-    generate(tmp_path / "data", n=24, seed=0)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The data, the stub judge and the single-process run (global batch 16) every multi-process run must equal."""
+    tmp_path = tmp_path_factory.mktemp("dist")
+    generate(tmp_path / "data", n=28, seed=0)  # 3 val items: one rank's eval shard is shorter
     with StubServer(hash_reply) as server:
-        one = _train(tmp_path, "one", per_rank_batch=16, nproc=1, judge_url=server.url)
-        two = _train(tmp_path, "two", per_rank_batch=8, nproc=2, judge_url=server.url)
+        yield tmp_path, server.url, _train(tmp_path, "one", 16, 1, server.url)
+
+
+def _assert_same_run(tmp_path, one, two, name):
     # atol 1% of the learning rate: Adam divides by sqrt(v), so an element whose gradient is ~0 turns fp32 summation
     # noise (different batch shapes, the all-reduce) into a visible step; measured: 3 of ~1e5 elements, 2.7e-6
-    for name, value in one["trainable"].items():
-        torch.testing.assert_close(two["trainable"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+    for key, value in one["trainable"].items():
+        torch.testing.assert_close(two["trainable"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     # metrics reduced over ranks equal the single process's; rank 0 alone wrote them
-    for a, b in zip(_steps(tmp_path, "one"), _steps(tmp_path, "two"), strict=True):
+    for a, b in zip(_steps(tmp_path, "one"), _steps(tmp_path, name), strict=True):
         for key in ("reward", "reward_std", "completion_length", "loss", "entropy", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
     assert all(r["grad_norm"] > 0 for r in _steps(tmp_path, "one"))
+
+
+def test_two_gloo_processes_equal_one_process(one_process):
+    tmp_path, url, one = one_process
+    _assert_same_run(tmp_path, one, _train(tmp_path, "two", 8, 2, url), "two")
+
+
+def test_fsdp2_over_two_processes_equals_one_process(one_process):
+    """Parameters, gradients and optimizer state sharded over 2 ranks (FSDP2, summed reduce-scatter); the greedy
+    eval and the sampled rollouts run the sharded model's generate in step on both ranks."""
+    tmp_path, url, one = one_process
+    sharded = _train(tmp_path, "fsdp", 8, 2, url, "--fsdp")
+    _assert_same_run(tmp_path, one, sharded, "fsdp")
+    # checkpoints hold the gathered weights and optimizer state; the final policy loads without FSDP
+    assert set(sharded["optimizer"]["state"]) >= set(one["trainable"])
+    final = load_policy(tmp_path / "runs/fsdp/final").model.state_dict()
+    for key, value in one["trainable"].items():
+        assert final[key].shape == value.shape, key
+    # the shorter eval shard was padded for the lockstep generate, and the padding left out of the metrics
+    evals = {
+        name: [
+            r
+            for r in map(json.loads, (tmp_path / f"runs/{name}/metrics.jsonl").read_text().splitlines())
+            if "eval/items" in r
+        ]
+        for name in ("one", "fsdp")
+    }
+    assert evals["fsdp"] == evals["one"] and evals["one"][0]["eval/items"] == 3

@@ -8,7 +8,7 @@ safetensors), the tokenizer files (special tokens and a chat template) and prepr
   (`AutoImageProcessor`: `pixel_values` patches + `image_grid_thw`) and the tokenizer's chat template. Not
   `AutoProcessor`: it loads the video processor too, which needs torchvision (transformers#48558), so the
   collate expands `<|image_pad|>` itself, as Qwen2VLProcessor does.
-Log-probs for GRPO come the standard HF way: the backbone's `last_hidden_state` and
+Log-probs for GRPO come the standard HF way: `model(..., output_hidden_states=True).hidden_states[-1]` and
 `model.get_output_embeddings().weight` (the lm_head).
 """
 
@@ -97,9 +97,10 @@ class Policy:
         patches = (cfg.vision_config.image_size[0] // cfg.vision_config.patch_size[0]) ** 2
         return int(patches * cfg.downsample_ratio**2)
 
-    def save(self, path: Path | str) -> None:
-        """Writes a checkpoint folder that `load_policy(path)` (and HF's from_pretrained) reads back."""
-        self.model.save_pretrained(path)
+    def save(self, path: Path | str, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Writes a checkpoint folder that `load_policy(path)` (and HF's from_pretrained) reads back; `state_dict`:
+        the full weights to write instead of the model's own (those of a sharded model, gathered)."""
+        self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
         processor = self.tiling.image_processor() if self.tiling is not None else self.image_processor
         processor.save_pretrained(path)
