@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_args(argv)
         env = trainer_dist.init()
+        if cfg.fsdp and env.world == 1:
+            raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
         if cfg.torch_threads:
             torch.set_num_threads(cfg.torch_threads)
         if env.is_main:

@@ -139,8 +139,6 @@ def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, to
             model.enable_input_require_grads()
     model.to(env.device).train()
     if cfg.fsdp:
-        if env.world == 1:
-            raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
         for m in (model, ref) if ref is not None else (model,):
             shard(m)
     policy.model = model

@@ -57,6 +57,8 @@ def test_help_lists_every_field():
         (["--config", "{tmp}/nope.yaml"], "does not exist"),
         (["--judge", "llm"], "--judge llm needs the judge model's name"),
         (["--report-to", "neptune"], "report_to must be one of"),
+        (["--fsdp"], "--fsdp shards the model across processes: launch with torchrun"),
+        (["--fsdp", "--lora", "4"], "--fsdp shards full fine-tuning only"),
         (["--name", "taken"], "holds another run: pass --overwrite"),
         (["--name", "fresh", "--resume"], "has no checkpoint to continue from"),
         (["--data", "{tmp}/empty-data", "--name", "x"], "has no train.jsonl"),
