@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
@@ -30,17 +31,44 @@ std::string shape_str(const py::array& a) {
   return s + "]";
 }
 
-// A uint8 [H, W, 3] array whose pixels are 3 bytes apart (strides (any, 3, 1)), or 4 (Pillow's storage viewed by
-// `pillow_rgb_view`: the 4th byte of every pixel must be readable), as an ImageView.
-ImageView image_view(const py::array& a, const std::string& what) {
-  CHECK_ARG(a.dtype().is(py::dtype::of<uint8_t>()), what + " must be uint8, got " + std::string(py::str(a.dtype())));
-  CHECK_ARG(a.ndim() == 3 && a.shape(2) == 3, what + " must have shape [H, W, 3], got " + shape_str(a));
-  CHECK_ARG(a.shape(0) > 0 && a.shape(1) > 0, what + " has zero size: " + shape_str(a));
-  CHECK_ARG(a.shape(0) < (1 << 30) && a.shape(1) < (1 << 30), what + " is too large: " + shape_str(a));
-  CHECK_ARG((a.strides(1) == 3 || a.strides(1) == 4) && a.strides(2) == 1,
-            what + " must have packed RGB pixels (strides [*, 3, 1])");
-  return ImageView{static_cast<const uint8_t*>(a.data()), static_cast<int>(a.shape(1)), static_cast<int>(a.shape(0)),
-                   static_cast<ptrdiff_t>(a.strides(0)), static_cast<int>(a.strides(1))};
+// `image`: a uint8 [H, W, 3] array whose pixels are 3 bytes apart (strides (any, 3, 1)) or 4 (Pillow's storage
+// viewed by `pillow_rgb_view`: the 4th byte of every pixel must be readable), or a list of such arrays that are row
+// bands of one image, top to bottom (equal widths and strides; all but the last of equal height).
+ImageView image_view(const py::handle& image, const std::string& what) {
+  std::vector<py::array> bands;
+  if (py::isinstance<py::array>(image)) {
+    bands.push_back(py::reinterpret_borrow<py::array>(image));
+  } else {
+    CHECK_ARG(py::isinstance<py::list>(image) && py::len(image) > 0, what + " must be a uint8 array or a list of them");
+    for (const py::handle& band : image) {
+      CHECK_ARG(py::isinstance<py::array>(band), what + " must be a uint8 array or a list of them");
+      bands.push_back(py::reinterpret_borrow<py::array>(band));
+    }
+  }
+  ImageView v;
+  for (size_t b = 0; b < bands.size(); ++b) {
+    const py::array& a = bands[b];
+    const std::string name = bands.size() == 1 ? what : what + " band " + std::to_string(b);
+    CHECK_ARG(a.dtype().is(py::dtype::of<uint8_t>()), name + " must be uint8, got " + std::string(py::str(a.dtype())));
+    CHECK_ARG(a.ndim() == 3 && a.shape(2) == 3, name + " must have shape [H, W, 3], got " + shape_str(a));
+    CHECK_ARG(a.shape(0) > 0 && a.shape(1) > 0, name + " has zero size: " + shape_str(a));
+    CHECK_ARG((a.strides(1) == 3 || a.strides(1) == 4) && a.strides(2) == 1,
+              name + " must have packed RGB pixels (strides [*, 3, 1])");
+    if (b == 0) {
+      v.band_rows = static_cast<int>(std::min<py::ssize_t>(a.shape(0), 1 << 30));
+      v.width = static_cast<int>(std::min<py::ssize_t>(a.shape(1), 1 << 30));
+      v.row_stride = a.strides(0);
+      v.pixel_stride = static_cast<int>(a.strides(1));
+    }
+    CHECK_ARG(a.shape(1) == v.width && a.strides(0) == v.row_stride && a.strides(1) == v.pixel_stride &&
+                  (a.shape(0) == v.band_rows || (b + 1 == bands.size() && a.shape(0) < v.band_rows)),
+              name + ": bands must share width and strides, all but the last of equal height");
+    CHECK_ARG(static_cast<long long>(v.height) + a.shape(0) < (1 << 30) && a.shape(1) < (1 << 30),
+              what + " is too large: " + shape_str(a));
+    v.height += static_cast<int>(a.shape(0));
+    v.bands.push_back(static_cast<const uint8_t*>(a.data()));
+  }
+  return v;
 }
 
 // The Arrow C data interface's structs (https://arrow.apache.org/docs/format/CDataInterface.html), a stable ABI.
@@ -110,7 +138,7 @@ std::tuple<int, int> closest_grid(long long width, long long height, long long t
   return {g.first, g.second};
 }
 
-py::array_t<uint8_t> resize(const py::array& image, int width, int height, bool vertical_first_rule) {
+py::array_t<uint8_t> resize(const py::object& image, int width, int height, bool vertical_first_rule) {
   const ImageView view = image_view(image, "image");
   check_size(width, "width");
   check_size(height, "height");
@@ -128,7 +156,7 @@ py::array_t<uint8_t> resize(const py::array& image, int width, int height, bool 
   return out;
 }
 
-void tile_batch(const std::vector<py::array>& images, const std::vector<std::tuple<int, int>>& grids,
+void tile_batch(const std::vector<py::object>& images, const std::vector<std::tuple<int, int>>& grids,
                 const std::vector<py::array>& outputs, int tile_size, const std::vector<float>& mean,
                 const std::vector<float>& std_, bool vertical_first_rule, int num_threads) {
   CHECK_ARG(images.size() == grids.size() && images.size() == outputs.size(),
@@ -197,7 +225,8 @@ PYBIND11_MODULE(_tiling, m) {
         py::arg("max_tiles"),
         "InternVL's (cols, rows) for a width x height image; candidates by tile count, then cols ascending.");
   m.def("resize", &resize, py::arg("image"), py::arg("width"), py::arg("height"), py::arg("vertical_first_rule"),
-        "Pillow-exact BICUBIC resize of a uint8 [H, W, 3] array (strides [*, 3 or 4, 1]) to uint8 [height, width, 3].\n"
+        "Pillow-exact BICUBIC resize of a uint8 [H, W, 3] array (strides [*, 3 or 4, 1]; or a list of row bands) to\n"
+        "uint8 [height, width, 3].\n"
         "vertical_first_rule: use Pillow >= 13's pass order (vertical first when the height shrinks much more).");
   m.def("pillow_rgb_view", &pillow_rgb_view, py::arg("schema"), py::arg("array"), py::arg("width"), py::arg("height"),
         "Read-only uint8 [height, width, 3] view (strides [4 * width, 4, 1]) of a Pillow image's pixels exported by\n"
@@ -207,6 +236,7 @@ PYBIND11_MODULE(_tiling, m) {
   m.def("tile_batch", &tile_batch, py::arg("images"), py::arg("grids"), py::arg("outputs"), py::arg("tile_size"),
         py::arg("mean"), py::arg("std"), py::arg("vertical_first_rule"), py::arg("num_threads"),
         "Fill outputs[i] (float32 [cols*rows (+1 thumbnail), 3, tile, tile]) with the normalized tiles of images[i]\n"
-        "(uint8 [H, W, 3]) on grids[i] = (cols, rows); a thumbnail is written when outputs[i] has one more tile.\n"
+        "(uint8 [H, W, 3], or a list of row bands) on grids[i] = (cols, rows); a thumbnail is written when outputs[i]\n"
+        "has one more tile.\n"
         "Runs on num_threads native threads with the GIL released.");
 }

@@ -10,15 +10,19 @@
 
 namespace grpo_fast {
 
-// A uint8 RGB image: pixels `pixel_stride` = 3 or 4 bytes apart (RGB first: 4 is Pillow's own storage, the 4th
-// byte ignored), rows `row_stride` bytes apart (may be negative).
+// A uint8 RGB image held as horizontal bands of `band_rows` rows (the last may be shorter; one band unless Pillow
+// keeps the image in several memory blocks): pixels `pixel_stride` = 3 or 4 bytes apart (RGB first: 4 is Pillow's
+// own storage, the 4th byte ignored), rows `row_stride` bytes apart (may be negative).
 struct ImageView {
-  const uint8_t* data = nullptr;
+  std::vector<const uint8_t*> bands;  // row 0 of each band
+  int band_rows = 0;
   int width = 0;
   int height = 0;
   ptrdiff_t row_stride = 0;
   int pixel_stride = 3;
-  const uint8_t* row(int y) const { return data + static_cast<ptrdiff_t>(y) * row_stride; }
+  const uint8_t* row(int y) const {
+    return bands[y / band_rows] + static_cast<ptrdiff_t>(y % band_rows) * row_stride;
+  }
 };
 
 // Where a job's output rows go: float32 planes [3][height][width] normalized as (v / 255 - mean) / std

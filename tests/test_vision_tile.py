@@ -11,7 +11,7 @@ from PIL import Image
 
 from grpo_fast.vision import IMAGENET_STD, dynamic_tile, dynamic_tile_batch
 from grpo_fast.vision import reference as ref
-from grpo_fast.vision.tiling import _as_array, allow_simd, pillow_resize
+from grpo_fast.vision.tiling import _pixels, allow_simd, pillow_resize
 
 LEVEL = 1 / 255  # the contract: within one uint8 level of the reference before normalization
 RAW = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # pixel_values == uint8 / 255
@@ -96,9 +96,10 @@ def test_resize_matches_installed_pillow(kernels):
 
 
 def pillow_four_byte(mode: str, height: int, width: int, seed: int) -> Image.Image:
-    """A noise image in one of the modes Pillow stores as 4 bytes per pixel, the 4th byte noise too."""
-    rgba = np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8)
-    return Image.fromarray(rgba, "RGBA").convert(mode) if mode != "RGBA" else Image.fromarray(rgba, "RGBA")
+    """A noise image in one of the modes Pillow stores as 4 bytes per pixel (the 4th byte noise too), in memory
+    Pillow allocated (not numpy's)."""
+    rgba = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 4), dtype=np.uint8), "RGBA")
+    return rgba.convert(mode) if mode != "RGBA" else rgba.copy()
 
 
 def test_resize_of_pillow_images_matches_installed_pillow(kernels):
@@ -115,11 +116,33 @@ def test_resize_of_pillow_images_matches_installed_pillow(kernels):
 def test_pillow_pixels_are_viewed_without_a_copy(mode):
     image = pillow_four_byte(mode, 50, 70, seed=6)
     want = np.asarray(image.convert("RGB")).copy()
-    view = _as_array(image)
+    (view,) = _pixels(image)
     assert view.strides == (4 * 70, 4, 1) and not view.flags.writeable  # Pillow's own storage, read-only
     del image
     gc.collect()
     assert np.array_equal(view, want)  # the view keeps the exported pixels alive
+
+
+@pytest.fixture
+def small_pillow_blocks():
+    """Pillow allocates images made during the test in 64 KiB blocks, so that small images span several."""
+    size = Image.core.get_block_size()
+    Image.core.set_block_size(1 << 16)
+    yield
+    Image.core.set_block_size(size)
+
+
+def test_pillow_image_in_several_blocks_is_read_in_bands(small_pillow_blocks, kernels):
+    image = pillow_four_byte("RGBA", 200, 300, seed=7)  # 240 KB: 4 blocks of 54 rows
+    with pytest.raises(ValueError):
+        image.__arrow_c_array__()  # what makes the tiler read it in bands
+    bands = _pixels(image)
+    assert [band.shape[0] for band in bands] == [54, 54, 54, 38] and all(b.strides[1] == 4 for b in bands)
+    assert np.array_equal(np.concatenate(bands), np.asarray(image.convert("RGB")))
+    for w_out, h_out in [(170, 90), (64, 190), (301, 400), (40, 20)]:  # both pass orders, windows across bands
+        want = np.asarray(image.convert("RGB").resize((w_out, h_out), Image.Resampling.BICUBIC))
+        assert np.array_equal(pillow_resize(image, w_out, h_out), want), (w_out, h_out)
+    assert_close_to_reference(image, tile_size=48, max_tiles=6)
 
 
 def rgb_in_mode(mode: str) -> Image.Image:
