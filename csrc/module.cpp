@@ -172,7 +172,7 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
   std::vector<ImageView> views(n_images);
   // Plans per image: [0] canvas x, [1] canvas y, [2] thumbnail x, [3] thumbnail y. unique_ptr keeps addresses.
   std::vector<std::unique_ptr<AxisPlan[]>> plans(n_images);
-  std::vector<Job> jobs;
+  std::vector<Job> jobs, tile_jobs;
   const size_t tile_floats = static_cast<size_t>(3) * tile_size * tile_size;
   for (size_t i = 0; i < n_images; ++i) {
     const std::string name = "images[" + std::to_string(i) + "]";
@@ -202,8 +202,8 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
     for (int c = 0; c < 3; ++c) sink.mean[c] = mean[c], sink.std[c] = std_[c];
     for (long long t = 0; t < n_grid; ++t) {
       sink.planes = base + t * tile_floats;
-      jobs.push_back(Job{&v, &p[0], &p[1], static_cast<int>(t % cols) * tile_size,
-                         static_cast<int>(t / cols) * tile_size, vf, sink});
+      tile_jobs.push_back(Job{&v, &p[0], &p[1], static_cast<int>(t % cols) * tile_size,
+                              static_cast<int>(t / cols) * tile_size, vf, sink});
     }
     if (out.shape(0) == n_grid + 1) {
       p[2] = grpo_fast::make_plan(v.width, tile_size);
@@ -213,6 +213,8 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
                          grpo_fast::vertical_first(v.width, v.height, tile_size, tile_size, vertical_first_rule), sink});
     }
   }
+  // Thumbnails first: each reads the whole image (a few tiles' work), so the short tile jobs even out the threads.
+  jobs.insert(jobs.end(), tile_jobs.begin(), tile_jobs.end());
   py::gil_scoped_release release;
   grpo_fast::run_jobs(jobs, num_threads);
 }
