@@ -17,6 +17,7 @@ using grpo_fast::AxisPlan;
 using grpo_fast::ImageView;
 using grpo_fast::Job;
 using grpo_fast::Sink;
+using grpo_fast::Target;
 
 namespace {
 
@@ -144,11 +145,10 @@ py::array_t<uint8_t> resize(const py::object& image, int width, int height, bool
   check_size(height, "height");
   py::array_t<uint8_t> out({height, width, 3});
   const AxisPlan px = grpo_fast::make_plan(view.width, width), py_ = grpo_fast::make_plan(view.height, height);
-  Job job{&view, &px, &py_, 0, 0,
-          grpo_fast::vertical_first(view.width, view.height, width, height, vertical_first_rule), Sink{}};
-  job.sink.pixels = out.mutable_data();
-  job.sink.width = width;
-  job.sink.height = height;
+  Sink sink;
+  sink.pixels = out.mutable_data();
+  const Job job{&view, grpo_fast::vertical_first(view.width, view.height, width, height, vertical_first_rule),
+                {Target{&px, &py_, 0, 0, width, height, sink}}};
   {
     py::gil_scoped_release release;
     grpo_fast::run_jobs({job}, 1);
@@ -172,7 +172,12 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
   std::vector<ImageView> views(n_images);
   // Plans per image: [0] canvas x, [1] canvas y, [2] thumbnail x, [3] thumbnail y. unique_ptr keeps addresses.
   std::vector<std::unique_ptr<AxisPlan[]>> plans(n_images);
-  std::vector<Job> jobs, tile_jobs;
+  std::vector<Job> jobs;
+  // Horizontal-first canvases run as bands of tile rows (each with its share of the thumbnail, so the input is read
+  // once); tile rows are split further when there are fewer of them than threads.
+  long long tile_rows = 0;
+  for (const auto& grid : grids) tile_rows += std::max(0, std::get<1>(grid));
+  const int splits = static_cast<int>(std::max(1LL, (num_threads + tile_rows - 1) / std::max(1LL, tile_rows)));
   const size_t tile_floats = static_cast<size_t>(3) * tile_size * tile_size;
   for (size_t i = 0; i < n_images; ++i) {
     const std::string name = "images[" + std::to_string(i) + "]";
@@ -192,29 +197,47 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
     CHECK_ARG(out.writeable(), "outputs[" + std::to_string(i) + "] must be writeable");
     float* base = static_cast<float*>(const_cast<void*>(out.data()));
     const ImageView& v = views[i];
+    const bool thumbnail = out.shape(0) == n_grid + 1;
     plans[i].reset(new AxisPlan[4]);
     AxisPlan* p = plans[i].get();
     p[0] = grpo_fast::make_plan(v.width, cols * tile_size);
     p[1] = grpo_fast::make_plan(v.height, rows * tile_size);
-    const bool vf = grpo_fast::vertical_first(v.width, v.height, cols * tile_size, rows * tile_size, vertical_first_rule);
-    Sink sink;
-    sink.width = sink.height = tile_size;
-    for (int c = 0; c < 3; ++c) sink.mean[c] = mean[c], sink.std[c] = std_[c];
-    for (long long t = 0; t < n_grid; ++t) {
-      sink.planes = base + t * tile_floats;
-      tile_jobs.push_back(Job{&v, &p[0], &p[1], static_cast<int>(t % cols) * tile_size,
-                              static_cast<int>(t / cols) * tile_size, vf, sink});
-    }
-    if (out.shape(0) == n_grid + 1) {
+    if (thumbnail) {
       p[2] = grpo_fast::make_plan(v.width, tile_size);
       p[3] = grpo_fast::make_plan(v.height, tile_size);
-      sink.planes = base + n_grid * tile_floats;
-      jobs.push_back(Job{&v, &p[2], &p[3], 0, 0,
-                         grpo_fast::vertical_first(v.width, v.height, tile_size, tile_size, vertical_first_rule), sink});
     }
+    Sink canvas_sink, thumb_sink;
+    for (Sink* sink : {&canvas_sink, &thumb_sink}) {
+      sink->tile = tile_size;
+      for (int c = 0; c < 3; ++c) sink->mean[c] = mean[c], sink->std[c] = std_[c];
+    }
+    canvas_sink.planes = base;
+    canvas_sink.cols = cols;
+    thumb_sink.planes = base + n_grid * tile_floats;
+    thumb_sink.cols = 1;
+    const bool canvas_vf =
+        grpo_fast::vertical_first(v.width, v.height, cols * tile_size, rows * tile_size, vertical_first_rule);
+    const bool thumb_vf = grpo_fast::vertical_first(v.width, v.height, tile_size, tile_size, vertical_first_rule);
+    const bool thumb_in_bands = thumbnail && !canvas_vf && !thumb_vf;
+    if (canvas_vf) {
+      for (long long t = 0; t < n_grid; ++t)
+        jobs.push_back(Job{&v, true, {Target{&p[0], &p[1], static_cast<int>(t % cols) * tile_size,
+                                             static_cast<int>(t / cols) * tile_size, tile_size, tile_size, canvas_sink}}});
+    } else {
+      const int bands = rows * splits, canvas_h = rows * tile_size;
+      for (int b = 0; b < bands; ++b) {
+        const int y0 = static_cast<int>(static_cast<long long>(b) * canvas_h / bands);
+        const int y1 = static_cast<int>(static_cast<long long>(b + 1) * canvas_h / bands);
+        if (y1 == y0) continue;  // more threads than canvas rows
+        Job job{&v, false, {Target{&p[0], &p[1], 0, y0, cols * tile_size, y1 - y0, canvas_sink}}};
+        if (thumb_in_bands && y0 / rows < y1 / rows)  // thumbnail rows [y0 / rows, y1 / rows): the same image band
+          job.targets.push_back(Target{&p[2], &p[3], 0, y0 / rows, tile_size, y1 / rows - y0 / rows, thumb_sink});
+        jobs.push_back(std::move(job));
+      }
+    }
+    if (thumbnail && !thumb_in_bands)
+      jobs.push_back(Job{&v, thumb_vf, {Target{&p[2], &p[3], 0, 0, tile_size, tile_size, thumb_sink}}});
   }
-  // Thumbnails first: each reads the whole image (a few tiles' work), so the short tile jobs even out the threads.
-  jobs.insert(jobs.end(), tile_jobs.begin(), tile_jobs.end());
   py::gil_scoped_release release;
   grpo_fast::run_jobs(jobs, num_threads);
 }

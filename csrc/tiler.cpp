@@ -30,13 +30,18 @@ Kernels pick_kernels() {
           scalar::convolve_strip, scalar::normalize_row};
 }
 
-// RGB row `y` (interleaved, 3 * sink.width bytes) -> the sink.
-void emit_row(const Kernels& kern, const Sink& sink, int y, const uint8_t* rgb) {
-  const size_t w = sink.width;
-  if (sink.planes != nullptr) {
-    kern.normalize_row(rgb, sink.width, sink.mean, sink.std, sink.planes + y * w, w * sink.height);
-  } else {
-    std::memcpy(sink.pixels + y * w * 3, rgb, w * 3);
+// Canvas row `y`, columns [t.x0, t.x0 + t.width) as interleaved RGB -> the target's sink.
+void emit_row(const Kernels& kern, const Target& t, int y, const uint8_t* rgb) {
+  const Sink& sink = t.sink;
+  if (sink.pixels != nullptr) {
+    std::memcpy(sink.pixels + (static_cast<size_t>(y) * t.plan_x->out_size + t.x0) * 3, rgb, t.width * 3);
+    return;
+  }
+  const size_t plane = static_cast<size_t>(sink.tile) * sink.tile;
+  for (int c = t.x0 / sink.tile; c < (t.x0 + t.width) / sink.tile; ++c) {
+    float* tile = sink.planes + (static_cast<size_t>(y / sink.tile) * sink.cols + c) * 3 * plane;
+    kern.normalize_row(rgb + static_cast<size_t>(c * sink.tile - t.x0) * 3, sink.tile, sink.mean, sink.std,
+                       tile + static_cast<size_t>(y % sink.tile) * sink.tile, plane);
   }
 }
 
@@ -45,52 +50,73 @@ std::pair<int, int> input_span(const AxisPlan& plan, int o0, int n) {
   return {plan.start[o0], plan.start[o0 + n - 1] + plan.count[o0 + n - 1]};
 }
 
-// Horizontal pass first (Pillow's default): rows of the horizontally resampled band are made 8 at a time
-// straight into a ring of RGB rows, and each output row is one vertical pass over the ring.
-// Memory: ring (ksize_y + 16) x 3 x width, strip 24 x input span: independent of the input height.
+// A target of a horizontal-first job: its horizontally resampled rows, made 8 at a time straight into a ring of
+// RGB rows, and the next output row to make from the ring by a vertical pass.
+struct HorizontalState {
+  const Target* target;
+  int sy0, sy1;  // input rows it reads
+  size_t row_len;
+  int ring_rows;
+  std::vector<uint8_t> strip_out, ring, spare, out_row;
+  int y = 0;  // next output row of the rectangle
+};
+
+// Horizontal pass first (Pillow's default): the input rows all targets read are packed once into strips of 8 rows
+// over the union of their column spans; each target resamples the strip horizontally into its ring, then makes
+// every output row whose vertical window the ring now holds.
+// Memory: per target a ring of (ksize_y + 16) rows of 3 x width bytes, and a strip of 24 x input span bytes:
+// independent of the input height.
 void run_horizontal_first(const Job& job, const Kernels& kern) {
   const ImageView& im = *job.image;
-  const AxisPlan &px = *job.plan_x, &py = *job.plan_y;
-  const int w = job.sink.width, h = job.sink.height;
-  const auto [sx0, sx1] = input_span(px, job.x0, w);
-  const auto [sy0, sy1] = input_span(py, job.y0, h);
-  const size_t row_len = static_cast<size_t>(3) * w;
-  const int ring_rows = py.ksize + 2 * kStripRows;
+  int sx0 = im.width, sx1 = 0, sy0 = im.height, sy1 = 0;
+  std::vector<HorizontalState> states;
+  for (const Target& t : job.targets) {
+    const auto [x0, x1] = input_span(*t.plan_x, t.x0, t.width);
+    const auto [y0, y1] = input_span(*t.plan_y, t.y0, t.height);
+    sx0 = std::min(sx0, x0), sx1 = std::max(sx1, x1), sy0 = std::min(sy0, y0), sy1 = std::max(sy1, y1);
+    const size_t row_len = static_cast<size_t>(3) * t.width;
+    const int ring_rows = t.plan_y->ksize + 2 * kStripRows;
+    states.push_back({&t, y0, y1, row_len, ring_rows,
+                      std::vector<uint8_t>(static_cast<size_t>(t.width) * kStripLanes + 8),  // +8: 32-byte stores
+                      std::vector<uint8_t>(ring_rows * row_len), std::vector<uint8_t>(row_len),
+                      std::vector<uint8_t>(row_len)});
+  }
   std::vector<uint8_t> strip(static_cast<size_t>(sx1 - sx0) * kStripLanes);
-  std::vector<uint8_t> strip_out(static_cast<size_t>(w) * kStripLanes + 8);  // +8: convolve_strip's 32-byte stores
-  std::vector<uint8_t> ring(ring_rows * row_len), spare(row_len), out_row(row_len);
-  std::vector<const uint8_t*> taps(py.ksize);
+  std::vector<const uint8_t*> taps;
   const uint8_t* rows[kStripRows];
   uint8_t* ring_slots[kStripRows];
-  int next = sy0;  // first input row not yet resampled horizontally
-  for (int y = 0; y < h; ++y) {
-    const int lo = py.start[job.y0 + y], n = py.count[job.y0 + y];
-    while (next < lo + n) {
-      const int g = std::min(kStripRows, sy1 - next);
-      for (int r = 0; r < kStripRows; ++r) {
-        rows[r] = im.row(next + std::min(r, g - 1)) + static_cast<ptrdiff_t>(sx0) * im.pixel_stride;
-        ring_slots[r] = r < g ? ring.data() + ((next + r) % ring_rows) * row_len : spare.data();
+  for (int next = sy0; next < sy1; next += kStripRows) {
+    const int g = std::min(kStripRows, sy1 - next);
+    for (int r = 0; r < kStripRows; ++r)
+      rows[r] = im.row(next + std::min(r, g - 1)) + static_cast<ptrdiff_t>(sx0) * im.pixel_stride;
+    kern.pack_strip(rows, sx1 - sx0, im.pixel_stride, strip.data());
+    for (HorizontalState& st : states) {
+      const Target& t = *st.target;
+      if (next + g <= st.sy0 || next >= st.sy1) continue;  // none of its rows
+      for (int r = 0; r < kStripRows; ++r)
+        ring_slots[r] = r < g ? st.ring.data() + ((next + r) % st.ring_rows) * st.row_len : st.spare.data();
+      kern.convolve_strip(strip.data(), sx0, *t.plan_x, t.x0, t.width, st.strip_out.data());
+      kern.unpack_strip(st.strip_out.data(), t.width, ring_slots);
+      for (; st.y < t.height; ++st.y) {
+        const int o = t.y0 + st.y, lo = t.plan_y->start[o], n = t.plan_y->count[o];
+        if (lo + n > next + g) break;  // its window is not complete yet
+        taps.resize(n);
+        for (int j = 0; j < n; ++j) taps[j] = st.ring.data() + ((lo + j) % st.ring_rows) * st.row_len;
+        kern.convolve_rows(taps.data(), t.plan_y->coef.data() + static_cast<size_t>(o) * t.plan_y->ksize, n,
+                           st.row_len, st.out_row.data());
+        emit_row(kern, t, o, st.out_row.data());
       }
-      kern.pack_strip(rows, sx1 - sx0, im.pixel_stride, strip.data());
-      kern.convolve_strip(strip.data(), sx0, px, job.x0, w, strip_out.data());
-      kern.unpack_strip(strip_out.data(), w, ring_slots);
-      next += g;
     }
-    for (int j = 0; j < n; ++j) taps[j] = ring.data() + ((lo + j) % ring_rows) * row_len;
-    kern.convolve_rows(taps.data(), py.coef.data() + static_cast<size_t>(job.y0 + y) * py.ksize, n, row_len,
-                       out_row.data());
-    emit_row(kern, job.sink, y, out_row.data());
   }
 }
 
 // Vertical pass first (Pillow >= 13 when the height shrinks much more): 8 output rows at a time are resampled
 // vertically over the input span (whole pixels, the 4th byte too when there is one), packed into a strip and
 // resampled horizontally.
-void run_vertical_first(const Job& job, const Kernels& kern) {
-  const ImageView& im = *job.image;
-  const AxisPlan &px = *job.plan_x, &py = *job.plan_y;
-  const int w = job.sink.width, h = job.sink.height;
-  const auto [sx0, sx1] = input_span(px, job.x0, w);
+void run_vertical_first(const Target& t, const ImageView& im, const Kernels& kern) {
+  const AxisPlan &px = *t.plan_x, &py = *t.plan_y;
+  const int w = t.width, h = t.height;
+  const auto [sx0, sx1] = input_span(px, t.x0, w);
   const size_t span_len = static_cast<size_t>(im.pixel_stride) * (sx1 - sx0), row_len = static_cast<size_t>(3) * w;
   std::vector<uint8_t> vrows(kStripRows * span_len);
   std::vector<uint8_t> strip(static_cast<size_t>(sx1 - sx0) * kStripLanes);
@@ -102,7 +128,7 @@ void run_vertical_first(const Job& job, const Kernels& kern) {
   for (int y0 = 0; y0 < h; y0 += kStripRows) {
     const int g = std::min(kStripRows, h - y0);
     for (int r = 0; r < g; ++r) {
-      const int o = job.y0 + y0 + r;
+      const int o = t.y0 + y0 + r;
       for (int j = 0; j < py.count[o]; ++j)
         taps[j] = im.row(py.start[o] + j) + static_cast<ptrdiff_t>(sx0) * im.pixel_stride;
       uint8_t* dst = vrows.data() + r * span_len;
@@ -111,9 +137,9 @@ void run_vertical_first(const Job& job, const Kernels& kern) {
     }
     for (int r = g; r < kStripRows; ++r) rows[r] = rows[0];
     kern.pack_strip(rows, sx1 - sx0, im.pixel_stride, strip.data());
-    kern.convolve_strip(strip.data(), sx0, px, job.x0, w, strip_out.data());
+    kern.convolve_strip(strip.data(), sx0, px, t.x0, w, strip_out.data());
     kern.unpack_strip(strip_out.data(), w, out_slots);
-    for (int r = 0; r < g; ++r) emit_row(kern, job.sink, y0 + r, out_slots[r]);
+    for (int r = 0; r < g; ++r) emit_row(kern, t, t.y0 + y0 + r, out_slots[r]);
   }
 }
 
@@ -135,7 +161,7 @@ void run_jobs(const std::vector<Job>& jobs, int num_threads) {
     for (size_t i = next++; i < jobs.size(); i = next++) {
       try {
         if (jobs[i].vertical_first)
-          run_vertical_first(jobs[i], kern);
+          for (const Target& t : jobs[i].targets) run_vertical_first(t, *jobs[i].image, kern);
         else
           run_horizontal_first(jobs[i], kern);
       } catch (...) {

@@ -25,26 +25,34 @@ struct ImageView {
   }
 };
 
-// Where a job's output rows go: float32 planes [3][height][width] normalized as (v / 255 - mean) / std
-// (`planes` set), or a uint8 [height][width][3] image (`pixels` set, for the Pillow-parity resize).
+// Where output rows go: rows of a canvas cut into `tile`-px square tiles, `cols` per tile row, each float32 planes
+// [3][tile][tile] normalized as (v / 255 - mean) / std, tile (r, c) at planes + (r * cols + c) * 3 * tile * tile
+// (`planes` set); or a uint8 [canvas height][canvas width][3] image (`pixels` set, for the Pillow-parity resize).
 struct Sink {
   float* planes = nullptr;
   uint8_t* pixels = nullptr;
-  int width = 0;
-  int height = 0;
+  int tile = 0;
+  int cols = 0;
   float mean[3] = {0, 0, 0};
   float std[3] = {1, 1, 1};
 };
 
-// Resample input `image` to a canvas of plan_x.out_size x plan_y.out_size and write its rectangle
-// [x0, x0 + sink.width) x [y0, y0 + sink.height) to `sink`, with Pillow's pass order.
-struct Job {
-  const ImageView* image;
+// A rectangle [x0, x0 + width) x [y0, y0 + height) of the input resized to a canvas of plan_x.out_size x
+// plan_y.out_size, written to `sink` (for tiles, x0 and width are multiples of the tile).
+struct Target {
   const AxisPlan* plan_x;
   const AxisPlan* plan_y;
-  int x0, y0;
-  bool vertical_first;
+  int x0, y0, width, height;
   Sink sink;
+};
+
+// Resample `image` into each target with Pillow's pass order. A horizontal-first job streams the input rows its
+// targets need once for all of them (e.g. a band of canvas tiles and the matching band of the thumbnail); a
+// vertical-first job has one target.
+struct Job {
+  const ImageView* image;
+  bool vertical_first;
+  std::vector<Target> targets;
 };
 
 // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice the width's shrink

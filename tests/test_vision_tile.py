@@ -76,6 +76,25 @@ def test_normalization_matches_reference():
                                atol=LEVEL / 0.1 + 1e-5, rtol=0)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "height, width, tile_size",
+    [
+        (300, 500, 64),  # 2 tile rows: bands of tile rows, each with its share of the thumbnail
+        (90, 700, 64),  # 1 tile row, split into bands when there are more threads
+        (160, 40, 64),  # canvas upscaled (horizontal first), thumbnail shrunk vertical first
+        (3000, 100, 64),  # both vertical first: tile and thumbnail jobs
+        (20, 30, 2),  # more bands asked for than canvas rows
+    ],
+)
+def test_bands_and_pass_orders_for_any_thread_count(height, width, tile_size):
+    image = noise(height, width, seed=8)
+    assert_close_to_reference(image, tile_size=tile_size)
+    serial = dynamic_tile(image, tile_size=tile_size, num_threads=1, **RAW)
+    for num_threads in (2, 3, 7):
+        got = dynamic_tile(image, tile_size=tile_size, num_threads=num_threads, **RAW)
+        assert torch.equal(got.pixel_values, serial.pixel_values), num_threads
+
+
 @pytest.fixture(params=["simd", "scalar"])
 def kernels(request):
     """Runs a test with the AVX2 kernels (where the CPU has them) and with the portable scalar ones."""
