@@ -103,6 +103,26 @@ def kernels(request):
     allow_simd(True)
 
 
+@pytest.mark.parametrize(
+    "norm",
+    [
+        {},
+        RAW,
+        {"mean": (0.5, 0.25, 0.75), "std": (0.5, 2.0, 0.1)},
+        {"mean": (1e-3, 7.0, -3.0), "std": (3.0, 1e-3, 1e3)},
+    ],
+)
+def test_simd_kernels_equal_scalar_bit_for_bit(norm):
+    image = noise(150, 260, seed=9)
+    simd = dynamic_tile(image, tile_size=64, **norm).pixel_values
+    allow_simd(False)
+    try:
+        scalar = dynamic_tile(image, tile_size=64, **norm).pixel_values
+    finally:
+        allow_simd(True)
+    assert torch.equal(simd, scalar)
+
+
 def test_resize_matches_installed_pillow(kernels):
     # Random sizes up and down on each axis cover both of Pillow's pass orders; noise makes an off-by-one visible.
     rng = np.random.default_rng(3)
