@@ -6,6 +6,9 @@
 Default targets are "mixed": for each item drawn, a coin flip independent of its level picks a plain answer
 or a clarifying question (naming the readings when there are several), always true to the scene. The
 policy thus learns how to answer and how to ask back, but not when; GRPO has to learn that from the judge.
+A share `--describe` of the items become captioning ("What do you see in the picture?": every object, left
+to right) and, optionally, a share `--count` become counting ("How many circles do you see?" -> "I see two
+circles: a red one and a blue one."): perception tasks that teach nothing about when to ask.
 `--targets gold` trains on the dataset's own answers instead. Writes to --out: checkpoint/ (the policy and
 sft_config.json), loss.png (the loss curve) and metrics.json (final losses and the sampled val reward).
 """
@@ -28,7 +31,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from grpo_fast.data.collate import Batch, collate
-from grpo_fast.data.phrasing import DESCRIBE_QUESTION, describe, warm_start_reply
+from grpo_fast.data.phrasing import DESCRIBE_QUESTION, count_question, count_reply, describe, warm_start_reply
 from grpo_fast.data.scene import Scene, Target
 from grpo_fast.data.seed import load_seed
 from grpo_fast.data.synthetic import generate
@@ -49,6 +52,12 @@ class SFTConfig:
     skip_bad_lines: bool = field(default=False, metadata={"help": "skip (and count) bad dataset lines"})
     targets: str = field(default="mixed", metadata={"help": "mixed: answer/ask drawn per item; gold: the answers"})
     describe: float = field(default=0.5, metadata={"help": "mixed only: share of items turned into captioning"})
+    count: float = field(
+        default=0.0, metadata={"help": "mixed only: share of items turned into 'How many <noun>s do you see?'"}
+    )
+    describe_end: float | None = field(
+        default=None, metadata={"help": "mixed only: captioning share at the last step, linear from --describe"}
+    )
     # model
     model: str = field(default="tiny", metadata={"help": "preset name or InternVL -hf checkpoint folder"})
     # optimisation
@@ -67,18 +76,31 @@ class SFTConfig:
     max_new_tokens: int = field(default=40, metadata={"help": "completion limit when sampling val replies"})
 
 
+def describe_share(step: int, cfg: SFTConfig) -> float:
+    """The captioning share at `step`: `cfg.describe`, moving linearly to `cfg.describe_end` when that is set."""
+    if cfg.describe_end is None:
+        return cfg.describe
+    return cfg.describe + (cfg.describe_end - cfg.describe) * step / max(cfg.steps - 1, 1)
+
+
 def _examples(
-    items: list[dict[str, Any]], cfg: SFTConfig, rng: random.Random
+    items: list[dict[str, Any]], cfg: SFTConfig, rng: random.Random, step: int = 0
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """(items, target replies) for one step; in mixed mode a share `cfg.describe` become captioning examples."""
+    """(items, target replies) for one step; in mixed mode a share `describe_share` become captioning examples."""
     if cfg.targets == "gold":
         return items, [it["answer"] for it in items]
+    share = describe_share(step, cfg)
     out_items, replies = [], []
     for it in items:
         scene = Scene.from_dict(it["scene"])
-        if rng.random() < cfg.describe:
+        draw = rng.random()
+        if draw < share:
             out_items.append(it | {"question": DESCRIBE_QUESTION})
             replies.append(describe(scene))
+        elif draw < share + cfg.count:
+            target = Target(**it["target"])
+            out_items.append(it | {"question": count_question(target)})
+            replies.append(count_reply(scene, target))
         else:
             out_items.append(it)
             replies.append(warm_start_reply(scene, Target(**it["target"]), rng))
@@ -154,6 +176,9 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     """Runs SFT as configured and writes checkpoint/, loss.png and metrics.json under `cfg.out`."""
     if cfg.targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {cfg.targets!r}")
+    shares = (cfg.describe, cfg.describe if cfg.describe_end is None else cfg.describe_end, cfg.count)
+    if min(shares) < 0 or max(shares[:2]) + cfg.count > 1:
+        raise ValueError(f"describe, describe_end and count must be >= 0 with describe + count <= 1, got {shares}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
     out = Path(cfg.out)
@@ -170,12 +195,12 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     order: list[int] = []
     losses = []
     start = time.perf_counter()
-    for _ in (bar := tqdm(range(cfg.steps), desc="sft", unit="step")):
+    for step in (bar := tqdm(range(cfg.steps), desc="sft", unit="step")):
         if len(order) < cfg.batch_size:
             order += rng.sample(range(len(train_items)), len(train_items))
         items = [train_items[i] for i in order[: cfg.batch_size]]
         del order[: cfg.batch_size]
-        loss = completion_loss(policy, collate(policy, *_examples(items, cfg, rng)))
+        loss = completion_loss(policy, collate(policy, *_examples(items, cfg, rng, step)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
@@ -192,13 +217,18 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     if val_items and cfg.eval_items > 0:
         val = val_items[: cfg.eval_items]
         with torch.no_grad():
-            metrics["val_loss"] = completion_loss(policy, collate(policy, *_examples(val, cfg, rng))).item()
+            batch = collate(policy, *_examples(val, cfg, rng, cfg.steps - 1))  # the last step's task mix
+            metrics["val_loss"] = completion_loss(policy, batch).item()
         metrics |= sampled_val_reward(policy, val, cfg.max_new_tokens)
     policy.save(out / "checkpoint")
     (out / "checkpoint" / "sft_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     _plot(losses, out / "loss.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _optional_float(value: str) -> float | None:
+    return None if value.lower() in ("none", "") else float(value)
 
 
 def parse_args(argv: list[str] | None = None) -> SFTConfig:
@@ -220,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
         if f.type == "bool":
             group.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
+            kind = {"int": int, "float": float, "float | None": _optional_float}.get(f.type, str)
             group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
     return SFTConfig(**vars(parser.parse_args(argv)))
 

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from grpo_fast.data import Scene, Target, load_seed
-from grpo_fast.data.phrasing import describe
+from grpo_fast.data.phrasing import count_question, count_reply, describe
 from grpo_fast.data.synthetic import generate, main
 from grpo_fast.vision import closest_grid
 
@@ -72,3 +72,16 @@ def test_caption_names_every_object_left_to_right(data):
     ordered = sorted(scene.objects, key=lambda o: (o.x, o.y))
     positions = [caption.index(f"a {o.size} {o.colour} {o.shape}") for o in ordered]
     assert caption.startswith("I see ") and positions == sorted(positions)
+
+
+def test_count_reply_counts_and_colours_the_referents_left_to_right(data):
+    _, paths = data
+    for it in load_seed(paths["train"])[:10]:
+        scene, target = Scene.from_dict(it["scene"]), Target(**it["target"])
+        referents = sorted(scene.referents(target), key=lambda o: (o.x, o.y))
+        reply = count_reply(scene, target)
+        number = {1: "one", 2: "two", 3: "three"}[len(referents)]
+        assert reply.startswith(f"I see {number} {target.noun}{'s' if len(referents) > 1 else ''}: "), reply
+        positions = [reply.index(f"a {o.colour} one") for o in referents]
+        assert positions == sorted(positions) and reply.count(" one") == len(referents) + (number == "one")
+        assert count_question(target) == f"How many {target.noun}s do you see?"

@@ -3,6 +3,7 @@
 import pytest
 
 from grpo_fast.data import Scene, SceneObject, Target, gold_answer, warm_start_reply
+from grpo_fast.data.phrasing import count_reply
 from grpo_fast.data.synthetic import item_rng, sample_scene
 from grpo_fast.rewards import JudgeReward, RuleJudge
 
@@ -101,6 +102,13 @@ def test_warm_start_replies_are_factual_and_both_forms_appear_at_both_levels():
         ("unambig", False, 4),
         ("unambig", True, 1),
     } <= seen
+
+
+def test_count_replies_are_factual():
+    judge = RuleJudge()
+    for item, scene, target, _ in _generated(200):
+        text = count_reply(scene, target)
+        assert judge.judge_one(item, text).factual_pass, text
 
 
 def test_judge_reward_maps_judgments_and_leaves_items_without_ground_truth_unscored():

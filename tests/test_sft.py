@@ -7,7 +7,7 @@ import torch
 
 from grpo_fast.data.synthetic import generate
 from grpo_fast.models import load_policy
-from grpo_fast.sft import SFTConfig, main, parse_args, train
+from grpo_fast.sft import SFTConfig, describe_share, main, parse_args, train
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +34,15 @@ def test_cli_flags_come_from_the_config():
     assert (cfg.steps, cfg.skip_bad_lines, cfg.targets, cfg.lr, cfg.model) == (7, True, "gold", 0.1, "tiny")
 
 
+def test_describe_share_is_constant_or_linear_to_describe_end():
+    assert [describe_share(s, SFTConfig(describe=0.3, steps=5)) for s in range(5)] == [0.3] * 5
+    # 0.8 -> 0.0 over steps 0..4: 0.2 less per step
+    shares = [describe_share(s, SFTConfig(describe=0.8, describe_end=0.0, steps=5)) for s in range(5)]
+    assert shares == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.0])
+    assert parse_args(["--describe-end", "0.1"]).describe_end == 0.1
+    assert parse_args(["--describe-end", "none"]).describe_end is None
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -43,6 +52,7 @@ def test_cli_flags_come_from_the_config():
         (["--n", "4", "--model", "nope"], "unknown model 'nope'"),
         (["--targets", "silver"], "targets must be one of"),
         (["--steps", "0"], "steps and batch_size must be >= 1"),
+        (["--describe", "0.8", "--count", "0.4"], "describe \\+ count <= 1"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):

@@ -47,6 +47,22 @@ def describe(scene: Scene) -> str:
     return "I see " + _join([f"a {o.size} {o.colour} {o.shape}" for o in objects]) + "."
 
 
+COUNT_QUESTION = "How many {nouns} do you see?"
+
+
+def count_question(target: Target) -> str:
+    """A question about how many objects fit `target` (an SFT task that reads the question's noun)."""
+    return COUNT_QUESTION.format(nouns=target.noun + "s")
+
+
+def count_reply(scene: Scene, target: Target) -> str:
+    """How many objects fit `target` and their colours, left to right, e.g. "I see two circles: a red one and a
+    blue one." (the answer to `count_question`)."""
+    colours = [o.colour for o in sorted(scene.referents(target), key=lambda o: (o.x, o.y))]
+    nouns = target.noun if len(colours) == 1 else target.noun + "s"
+    return f"I see {NUMBER_WORDS[len(colours)]} {nouns}: " + _join([f"a {c} one" for c in colours]) + "."
+
+
 def question(target: Target, rng: random.Random) -> str:
     """A question about the colour of `target`."""
     return rng.choice(QUESTIONS).format(noun=target.noun)
