@@ -1,0 +1,141 @@
+"""Probes what a tiny-model checkpoint has learned on the synthetic val split, beyond the rubric reward.
+
+    python benchmarks/probe_policy.py runs/warm-start/checkpoint data/synthetic
+    python benchmarks/probe_policy.py runs/grpo-tiny/final data/synthetic --items 100
+
+Greedy replies (as the trainer's eval): share that asks, names the question's shape, repeats its size word, and
+of the plain answers the share whose colour is the referent's. Teacher-forced probes (no sampling):
+- colour: argmax over the five colours of log p("The <noun> is <colour>.") against the referent's colour, on
+  unambiguous items, with the item's own image and with another item's image (shuffled: chance is about 0.2);
+- count: log p("I see one <noun>") vs "I see two/three <noun>s" after "How many <noun>s do you see?", i.e. whether
+  the model tells one referent from several (only meaningful after SFT with --count > 0);
+- ask: mean log p("Which <noun> do you mean?") - log p("The <noun> is <colour>.") per level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from grpo_fast.data.collate import collate
+from grpo_fast.data.phrasing import count_question
+from grpo_fast.data.scene import COLOURS, SHAPES, Scene, Target
+from grpo_fast.data.seed import load_seed
+from grpo_fast.models import Policy, load_policy
+from grpo_fast.rewards.judge import rubric_reward
+from grpo_fast.rewards.rule_judge import RuleJudge
+from grpo_fast.trainer_eval import greedy_completions
+
+
+@torch.no_grad()
+def logp(policy: Policy, items: Sequence[dict[str, Any]], texts: Sequence[str], eos: bool = True) -> torch.Tensor:
+    """`[B]` summed log-probs of `texts` as completions of `items` (with the final eos unless `eos` is False)."""
+    batch = collate(policy, items, texts)
+    width = batch.completion_ids.shape[1]
+    logits = policy.model(**batch.model_inputs(), logits_to_keep=width + 1).logits[:, :-1]
+    token_logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    mask = batch.completion_mask.clone()
+    if not eos:
+        mask[torch.arange(len(items)), mask.sum(1) - 1] = 0
+    return (token_logp * mask).sum(1)
+
+
+def _truth(item: dict[str, Any]) -> tuple[Scene, Target, list[str]]:
+    scene, target = Scene.from_dict(item["scene"]), Target(**item["target"])
+    return scene, target, [o.colour for o in scene.referents(target)]
+
+
+def greedy_report(policy: Policy, items: list[dict[str, Any]]) -> None:
+    texts = greedy_completions(policy, items, 64, 40)
+    judgments = RuleJudge().judge(items, texts)
+    print(f"greedy mean reward {sum(rubric_reward(j) for j in judgments) / len(items):.3f}")
+    for level in ("ambig", "unambig"):
+        rows = [(it, t) for it, t in zip(items, texts) if it["level"] == level]
+        asks = names = answers = right = sized = size_kept = 0
+        for it, text in rows:
+            _, target, colours = _truth(it)
+            low = text.lower()
+            named = {s for s in SHAPES if re.search(rf"\b{s}s?\b", low)}
+            names += named == {target.shape}
+            if target.size:
+                sized += 1
+                size_kept += target.size in low
+            if "?" in text:
+                asks += 1
+            else:
+                answers += 1
+                said = {c for c in COLOURS if c in low}
+                right += bool(said) and said <= set(colours)
+        print(
+            f"  {level}: asks {asks / len(rows):.2f}, names the question's shape (only) {names / len(rows):.2f}, "
+            f"keeps its size word {size_kept / max(sized, 1):.2f}, answers with a referent's colour "
+            f"{right / max(answers, 1):.2f} of {answers}"
+        )
+    for it, text in list(zip(items, texts))[:6]:
+        print(f"    [{it['level']}] {it['question']} -> {text}")
+
+
+def colour_probe(policy: Policy, items: list[dict[str, Any]], shuffle: bool) -> float:
+    images = [it["image"] for it in items]
+    if shuffle:
+        random.Random(0).shuffle(images)
+    hits = 0
+    for it, image in zip(items, images):
+        _, target, colours = _truth(it)
+        scores = logp(policy, [it | {"image": image}] * len(COLOURS), [f"The {target.noun} is {c}." for c in COLOURS])
+        hits += list(COLOURS)[int(scores.argmax())] in colours
+    return hits / len(items)
+
+
+def count_probe(policy: Policy, items: list[dict[str, Any]]) -> dict[str, float]:
+    right = {"one": [0, 0], "several": [0, 0]}
+    for it in items:
+        _, target, colours = _truth(it)
+        asked = it | {"question": count_question(target)}
+        texts = [f"I see one {target.noun}", f"I see two {target.noun}s", f"I see three {target.noun}s"]
+        says_several = int(logp(policy, [asked] * 3, texts, eos=False).argmax()) > 0
+        key = "several" if len(colours) > 1 else "one"
+        right[key][0] += says_several == (key == "several")
+        right[key][1] += 1
+    return {k: hit / max(n, 1) for k, (hit, n) in right.items()}
+
+
+def ask_log_odds(policy: Policy, items: list[dict[str, Any]]) -> float:
+    odds = []
+    for it in items:
+        _, target, colours = _truth(it)
+        scores = logp(policy, [it, it], [f"Which {target.noun} do you mean?", f"The {target.noun} is {colours[0]}."])
+        odds.append(float(scores[0] - scores[1]))
+    return sum(odds) / len(odds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="a policy folder (load_policy)")
+    parser.add_argument("data", help="synthetic data folder (val.jsonl with scene and target)")
+    parser.add_argument("--items", type=int, default=200, help="val items for the greedy replies")
+    parser.add_argument("--probe-items", type=int, default=60, help="items per level for the teacher-forced probes")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny matrices: threads only add synchronisation (see the tiny preset)
+    policy = load_policy(args.checkpoint)
+    policy.model.eval()
+    items = load_seed(f"{args.data}/val.jsonl")
+    greedy_report(policy, items[: args.items])
+    ambig = [it for it in items if it["level"] == "ambig"][: args.probe_items]
+    unambig = [it for it in items if it["level"] == "unambig"][: args.probe_items]
+    print(
+        f"colour probe (unambig): own image {colour_probe(policy, unambig, False):.2f}, "
+        f"shuffled images {colour_probe(policy, unambig, True):.2f} (chance ~0.2)"
+    )
+    counts = count_probe(policy, ambig + unambig)
+    print(f"count probe: says one when one {counts['one']:.2f}, says several when several {counts['several']:.2f}")
+    print(f"ask log-odds: ambig {ask_log_odds(policy, ambig):+.2f}, unambig {ask_log_odds(policy, unambig):+.2f}")
+
+
+if __name__ == "__main__":
+    main()
