@@ -247,11 +247,12 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
             sections.get(f.name, "training"), parser.add_argument_group(sections.get(f.name, "training"))
         )
         flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"].replace("%", "%%")  # argparse %-formats help strings ("10%" broke --help)
         if f.type == "bool":
-            group.add_argument(flag, action="store_true", help=f.metadata["help"])
+            group.add_argument(flag, action="store_true", help=help_text)
         else:
             kind = {"int": int, "float": float, "float | None": _optional_float}.get(f.type, str)
-            group.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + f" (default: {f.default})")
+            group.add_argument(flag, type=kind, default=f.default, help=help_text + f" (default: {f.default})")
     return SFTConfig(**vars(parser.parse_args(argv)))
 
 

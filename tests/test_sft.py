@@ -34,6 +34,13 @@ def test_cli_flags_come_from_the_config():
     assert (cfg.steps, cfg.skip_bad_lines, cfg.targets, cfg.lr, cfg.model) == (7, True, "gold", 0.1, "tiny")
 
 
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "cosine decay to 10%" in out and "--describe-end" in out and "--count" in out
+
+
 def test_describe_share_is_constant_or_linear_to_describe_end():
     assert [describe_share(s, SFTConfig(describe=0.3, steps=5)) for s in range(5)] == [0.3] * 5
     # 0.8 -> 0.0 over steps 0..4: 0.2 less per step
