@@ -68,11 +68,11 @@ _FOUR_BYTE_RGB_MODES = ("RGB", "RGBA", "RGBX")
 
 
 def _pillow_view(image: Image.Image) -> np.ndarray | None:
-    """Read-only uint8 [H, W, 3] view (strides [4W, 4, 1]) of Pillow's own pixels through its Arrow export, or None
-    where there is none: Pillow < 11.2, or an image held in several memory blocks."""
+    """Read-only uint8 [H, W, 3] view (strides [4W, 4, 1]) of Pillow's own pixels through its Arrow export
+    (Pillow >= 11.2), or None for an image held in several memory blocks."""
     try:
         schema, exported = image.__arrow_c_array__()
-    except (AttributeError, ValueError):
+    except ValueError:
         return None
     return _tiling.pillow_rgb_view(schema, exported, image.width, image.height)
 
@@ -82,7 +82,8 @@ def _pixels(image: Image.Image | np.ndarray) -> list[np.ndarray]:
     stride free). No copy for such numpy arrays nor for Pillow images in one memory block; a Pillow image too large
     for one block (16 MiB by default, e.g. 4000x3000) is cropped into bands that each fit one (a memcpy per row),
     ~10x faster than the 3-byte copy `np.asarray` makes."""
-    if isinstance(image, Image.Image) and image.mode in _FOUR_BYTE_RGB_MODES and image.width and image.height:
+    arrow = hasattr(Image.Image, "__arrow_c_array__")  # Pillow >= 11.2; older ones take the copy below
+    if arrow and isinstance(image, Image.Image) and image.mode in _FOUR_BYTE_RGB_MODES and image.width and image.height:
         whole = _pillow_view(image)
         if whole is not None:
             return [whole]
