@@ -174,10 +174,11 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
   std::vector<std::unique_ptr<AxisPlan[]>> plans(n_images);
   std::vector<Job> jobs;
   // Horizontal-first canvases run as bands of tile rows (each with its share of the thumbnail, so the input is read
-  // once); tile rows are split further when there are fewer of them than threads.
+  // once); tile rows are split further when there are fewer of them than threads, into bands of >= 1 canvas row.
   long long tile_rows = 0;
   for (const auto& grid : grids) tile_rows += std::max(0, std::get<1>(grid));
-  const int splits = static_cast<int>(std::max(1LL, (num_threads + tile_rows - 1) / std::max(1LL, tile_rows)));
+  const int splits = static_cast<int>(
+      std::clamp((num_threads + tile_rows - 1) / std::max(1LL, tile_rows), 1LL, static_cast<long long>(tile_size)));
   const size_t tile_floats = static_cast<size_t>(3) * tile_size * tile_size;
   for (size_t i = 0; i < n_images; ++i) {
     const std::string name = "images[" + std::to_string(i) + "]";
@@ -220,15 +221,15 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
     const bool thumb_vf = grpo_fast::vertical_first(v.width, v.height, tile_size, tile_size, vertical_first_rule);
     const bool thumb_in_bands = thumbnail && !canvas_vf && !thumb_vf;
     if (canvas_vf) {
-      for (long long t = 0; t < n_grid; ++t)
-        jobs.push_back(Job{&v, true, {Target{&p[0], &p[1], static_cast<int>(t % cols) * tile_size,
-                                             static_cast<int>(t / cols) * tile_size, tile_size, tile_size, canvas_sink}}});
+      for (long long t = 0; t < n_grid; ++t) {
+        const int x0 = static_cast<int>(t % cols) * tile_size, y0 = static_cast<int>(t / cols) * tile_size;
+        jobs.push_back(Job{&v, true, {Target{&p[0], &p[1], x0, y0, tile_size, tile_size, canvas_sink}}});
+      }
     } else {
       const int bands = rows * splits, canvas_h = rows * tile_size;
       for (int b = 0; b < bands; ++b) {
         const int y0 = static_cast<int>(static_cast<long long>(b) * canvas_h / bands);
         const int y1 = static_cast<int>(static_cast<long long>(b + 1) * canvas_h / bands);
-        if (y1 == y0) continue;  // more threads than canvas rows
         Job job{&v, false, {Target{&p[0], &p[1], 0, y0, cols * tile_size, y1 - y0, canvas_sink}}};
         if (thumb_in_bands && y0 / rows < y1 / rows)  // thumbnail rows [y0 / rows, y1 / rows): the same image band
           job.targets.push_back(Target{&p[2], &p[3], 0, y0 / rows, tile_size, y1 / rows - y0 / rows, thumb_sink});
