@@ -9,7 +9,10 @@ of the plain answers the share whose colour is the referent's. Teacher-forced pr
   unambiguous items, with the item's own image and with another item's image (shuffled: chance is about 0.2);
 - count: log p("I see one <noun>") vs "I see two/three <noun>s" after "How many <noun>s do you see?", i.e. whether
   the model tells one referent from several (only meaningful after SFT with --count > 0);
-- ask: mean log p("Which <noun> do you mean?") - log p("The <noun> is <colour>.") per level.
+- ask: mean log p("Which <noun> do you mean?") - log p("The <noun> is <colour>.") per level;
+- caption words: mean loss (nats) of the colour, shape and size words of the captioning target ("I see a big red
+  triangle and ..."), with own and shuffled images: a word class whose loss does not drop with the own image is
+  not seen (shape: ln 4 = 1.39 nats when the model only knows which shapes are common).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from typing import Any
 import torch
 
 from grpo_fast.data.collate import collate
-from grpo_fast.data.phrasing import count_question
-from grpo_fast.data.scene import COLOURS, SHAPES, Scene, Target
+from grpo_fast.data.phrasing import DESCRIBE_QUESTION, count_question, describe
+from grpo_fast.data.scene import COLOURS, SHAPES, SIZES, Scene, Target
 from grpo_fast.data.seed import load_seed
 from grpo_fast.models import Policy, load_policy
 from grpo_fast.rewards.judge import rubric_reward
@@ -114,6 +117,30 @@ def ask_log_odds(policy: Policy, items: list[dict[str, Any]]) -> float:
     return sum(odds) / len(odds)
 
 
+@torch.no_grad()
+def caption_word_loss(policy: Policy, items: list[dict[str, Any]], shuffle: bool) -> dict[str, float]:
+    """Mean loss (nats) of the colour / shape / size words of the items' captions, own or shuffled images."""
+    images = [it["image"] for it in items]
+    if shuffle:
+        random.Random(0).shuffle(images)
+    classes = {**dict.fromkeys(COLOURS, "colour"), **dict.fromkeys(SHAPES, "shape"), **dict.fromkeys(SIZES, "size")}
+    losses: dict[str, list[float]] = {"colour": [], "shape": [], "size": []}
+    for i in range(0, len(items), 16):
+        chunk = [
+            it | {"question": DESCRIBE_QUESTION, "image": im} for it, im in zip(items[i : i + 16], images[i : i + 16])
+        ]
+        batch = collate(policy, chunk, [describe(Scene.from_dict(it["scene"])) for it in chunk])
+        width = batch.completion_ids.shape[1]
+        logits = policy.model(**batch.model_inputs(), logits_to_keep=width + 1).logits[:, :-1]
+        nll = -torch.log_softmax(logits.float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+        for ids, mask, row in zip(batch.completion_ids, batch.completion_mask, nll):
+            for token, on, loss in zip(ids.tolist(), mask.tolist(), row.tolist()):
+                word = policy.tokenizer.decode([token]).strip()
+                if on and word in classes:
+                    losses[classes[word]].append(loss)
+    return {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a policy folder (load_policy)")
@@ -135,6 +162,12 @@ def main() -> None:
     counts = count_probe(policy, ambig + unambig)
     print(f"count probe: says one when one {counts['one']:.2f}, says several when several {counts['several']:.2f}")
     print(f"ask log-odds: ambig {ask_log_odds(policy, ambig):+.2f}, unambig {ask_log_odds(policy, unambig):+.2f}")
+    for shuffle in (False, True):
+        losses = caption_word_loss(policy, ambig + unambig, shuffle)
+        print(
+            f"caption word loss ({'shuffled' if shuffle else 'own'} images, nats): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in losses.items())
+        )
 
 
 if __name__ == "__main__":

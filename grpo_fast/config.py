@@ -62,6 +62,9 @@ class GRPOConfig:
         None, "where the warm start is written and reused from (None: <output_dir>/warm-start)", "model"
     )
     sft_steps: int | None = _f(None, "warm start: SFT optimizer steps (None: grpo_fast.sft's default)", "model")
+    sft_vision_steps: int | None = _f(
+        None, "warm start: vision pretraining steps before SFT (None: grpo_fast.sft's default)", "model"
+    )
     lora: int = _f(0, "LoRA rank on all attention and MLP projections (0: full fine-tuning; needs peft)", "model")
     lora_alpha: int = _f(16, "LoRA alpha", "model")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory", "model")
@@ -175,6 +178,8 @@ class GRPOConfig:
         for name in ("max_prompt_length", "sft_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+        if self.sft_vision_steps is not None and self.sft_vision_steps < 0:
+            raise ConfigError(f"sft_vision_steps must be >= 0 or None, got {self.sft_vision_steps}")
         choices = {
             "lr_scheduler_type": ("linear", "cosine", "constant"),
             "loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),

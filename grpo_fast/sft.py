@@ -21,6 +21,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,14 @@ from grpo_fast.data.phrasing import DESCRIBE_QUESTION, count_question, count_rep
 from grpo_fast.data.scene import Scene, Target
 from grpo_fast.data.seed import load_seed
 from grpo_fast.data.synthetic import generate
+from grpo_fast.models.policy import PRESETS as MODEL_PRESETS
 from grpo_fast.models.policy import Policy, load_policy
 from grpo_fast.rewards.judge import rubric_reward
 from grpo_fast.rewards.rule_judge import RuleJudge
+from grpo_fast.sft_vision import pretrain_vision
 
 TARGETS = ("mixed", "gold")
+TINY_VISION_STEPS = 2000
 
 
 @dataclass
@@ -51,13 +55,22 @@ class SFTConfig:
     n: int = field(default=2000, metadata={"help": "synthetic items to generate when --data is not given"})
     skip_bad_lines: bool = field(default=False, metadata={"help": "skip (and count) bad dataset lines"})
     targets: str = field(default="mixed", metadata={"help": "mixed: answer/ask drawn per item; gold: the answers"})
-    describe: float = field(default=0.5, metadata={"help": "mixed only: share of items turned into captioning"})
+    describe: float = field(default=0.2, metadata={"help": "mixed only: share of items turned into captioning"})
     count: float = field(
-        default=0.0, metadata={"help": "mixed only: share of items turned into 'How many <noun>s do you see?'"}
+        default=0.2, metadata={"help": "mixed only: share of items turned into 'How many <noun>s do you see?'"}
     )
     describe_end: float | None = field(
         default=None, metadata={"help": "mixed only: captioning share at the last step, linear from --describe"}
     )
+    vision_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "vision pretraining steps before SFT (token labels of synthetic scenes; the tower is then frozen);"
+            f" None: {TINY_VISION_STEPS} for a preset model (a tower from scratch), 0 for a checkpoint"
+        },
+    )
+    vision_batch_size: int = field(default=8, metadata={"help": "images per vision pretraining step"})
+    vision_lr: float = field(default=2e-3, metadata={"help": "peak learning rate of the vision pretraining"})
     # model
     model: str = field(default="tiny", metadata={"help": "preset name or InternVL -hf checkpoint folder"})
     # optimisation
@@ -74,6 +87,13 @@ class SFTConfig:
     out: str = field(default="runs/sft", metadata={"help": "output folder"})
     eval_items: int = field(default=64, metadata={"help": "val items for the final loss and sampled reward (0: skip)"})
     max_new_tokens: int = field(default=40, metadata={"help": "completion limit when sampling val replies"})
+
+
+def resolved_vision_steps(cfg: SFTConfig) -> int:
+    """`cfg.vision_steps`, or when None its default: pretrain a preset model's tower (from scratch), not a checkpoint's."""
+    if cfg.vision_steps is not None:
+        return cfg.vision_steps
+    return TINY_VISION_STEPS if cfg.model in MODEL_PRESETS else 0
 
 
 def describe_share(step: int, cfg: SFTConfig) -> float:
@@ -151,10 +171,11 @@ def _load_data(cfg: SFTConfig, out: Path) -> tuple[list[dict[str, Any]], list[di
     return train, val
 
 
-def _lr_factor(step: int, cfg: SFTConfig) -> float:
-    if step < cfg.warmup:
-        return (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    """Learning-rate multiplier at `step` of `steps`: linear warm-up over `warmup` steps, then cosine to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(steps - warmup, 1)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -179,18 +200,42 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     shares = (cfg.describe, cfg.describe if cfg.describe_end is None else cfg.describe_end, cfg.count)
     if min(shares) < 0 or max(shares[:2]) + cfg.count > 1:
         raise ValueError(f"describe, describe_end and count must be >= 0 with describe + count <= 1, got {shares}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    if min(cfg.steps, cfg.batch_size, cfg.vision_batch_size) < 1:
+        raise ValueError(
+            f"steps, batch_size and vision_batch_size must be >= 1, got {cfg.steps}, {cfg.batch_size} and "
+            f"{cfg.vision_batch_size}"
+        )
+    vision_steps = resolved_vision_steps(cfg)
+    if vision_steps < 0:
+        raise ValueError(f"vision_steps must be >= 0, got {vision_steps}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     train_items, val_items = _load_data(cfg, out)
+    if vision_steps > 0 and any(it.get("scene") is None for it in train_items):
+        raise ValueError("vision pretraining needs synthetic items (with scene); pass --vision-steps 0")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     policy = load_policy(cfg.model, seed=cfg.seed)
     policy.model.train()
-    opt = torch.optim.AdamW(policy.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
+    metrics: dict[str, float] = {}
+    if vision_steps > 0:
+        start = time.perf_counter()
+        metrics |= pretrain_vision(
+            policy,
+            train_items,
+            val_items[: cfg.eval_items],
+            vision_steps,
+            cfg.vision_batch_size,
+            cfg.vision_lr,
+            lambda s: lr_factor(s, vision_steps, cfg.warmup),
+            cfg.seed,
+        )
+        metrics["vision_seconds"] = time.perf_counter() - start
+        policy.model.model.vision_tower.requires_grad_(False)
+    trainable = [p for p in policy.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.warmup))
     rng = random.Random(cfg.seed)
     order: list[int] = []
     losses = []
@@ -203,12 +248,12 @@ def train(cfg: SFTConfig) -> dict[str, float]:
         loss = completion_loss(policy, collate(policy, *_examples(items, cfg, rng, step)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.1e}")
-    metrics = {
+    metrics |= {
         "train_loss_first": losses[0],
         "train_loss_last": losses[-1],
         "train_seconds": time.perf_counter() - start,
@@ -227,8 +272,14 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     return metrics
 
 
-def _optional_float(value: str) -> float | None:
-    return None if value.lower() in ("none", "") else float(value)
+def _optional(kind: type) -> Callable[[str], Any]:
+    """An argparse type that reads "none" (or nothing) as None, else `kind`."""
+
+    def parse(value: str) -> Any:
+        return None if value.lower() in ("none", "") else kind(value)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> SFTConfig:
@@ -251,7 +302,8 @@ def parse_args(argv: list[str] | None = None) -> SFTConfig:
         if f.type == "bool":
             group.add_argument(flag, action="store_true", help=help_text)
         else:
-            kind = {"int": int, "float": float, "float | None": _optional_float}.get(f.type, str)
+            kinds = {"int": int, "float": float, "int | None": _optional(int), "float | None": _optional(float)}
+            kind = kinds.get(f.type, str)
             group.add_argument(flag, type=kind, default=f.default, help=help_text + f" (default: {f.default})")
     return SFTConfig(**vars(parser.parse_args(argv)))
 

@@ -52,6 +52,8 @@ def warm_start(cfg: GRPOConfig, env: DistEnv) -> str:
         return cfg.model
     out = warm_start_dir(cfg)
     steps = {} if cfg.sft_steps is None else {"steps": cfg.sft_steps}
+    if cfg.sft_vision_steps is not None:
+        steps["vision_steps"] = cfg.sft_vision_steps
     sft_cfg = sft.SFTConfig(
         data=cfg.data, skip_bad_lines=cfg.skip_bad_lines, model=cfg.model, seed=cfg.seed, out=str(out), **steps
     )

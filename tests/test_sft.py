@@ -5,9 +5,11 @@ import json
 import pytest
 import torch
 
+from grpo_fast.data.seed import load_seed
 from grpo_fast.data.synthetic import generate
 from grpo_fast.models import load_policy
-from grpo_fast.sft import SFTConfig, describe_share, main, parse_args, train
+from grpo_fast.sft import TINY_VISION_STEPS, SFTConfig, describe_share, main, parse_args, resolved_vision_steps, train
+from grpo_fast.sft_vision import pretrain_vision
 
 
 @pytest.fixture(autouse=True)
@@ -19,14 +21,60 @@ def _restore_threads():
 
 
 def test_a_few_steps_lower_the_loss_and_write_outputs(tmp_path):
-    cfg = SFTConfig(n=16, steps=12, batch_size=4, lr=4e-3, warmup=3, out=str(tmp_path), eval_items=2, max_new_tokens=6)
+    cfg = SFTConfig(
+        n=16,
+        vision_steps=2,
+        steps=12,
+        batch_size=4,
+        lr=4e-3,
+        warmup=3,
+        out=str(tmp_path),
+        eval_items=2,
+        max_new_tokens=6,
+    )
     metrics = train(cfg)
+    assert {"vision_loss_last", "vision_val_acc/shape", "vision_val_acc/colour", "vision_seconds"} <= set(metrics)
     assert metrics["train_loss_last"] < metrics["train_loss_first"] - 1.0  # ~6.0 (uniform over 400) to ~4
     assert 0.0 <= metrics["val_reward"] <= 1.0 and metrics["val_loss"] > 0
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
     assert json.loads((tmp_path / "checkpoint/sft_config.json").read_text())["steps"] == 12
     assert load_policy(tmp_path / "checkpoint").image_seq_length == 16
+
+
+def test_vision_pretraining_lowers_its_loss_then_sft_keeps_the_tower_frozen(tmp_path, monkeypatch):
+    paths = generate(tmp_path / "data", n=24, seed=0)
+    items = load_seed(paths["train"])
+    policy = load_policy("tiny")
+    tower = {k: v.clone() for k, v in policy.model.model.vision_tower.state_dict().items()}
+    metrics = pretrain_vision(policy, items, items[:4], 30, 8, 4e-3, lambda s: 1.0, seed=0)
+    assert metrics["vision_loss_last"] < 0.6 * metrics["vision_loss_first"]  # ~4.5 (3 uniform heads) to < 2.7
+    assert all(0.0 <= metrics[f"vision_val_acc/{a}"] <= 1.0 for a in ("shape", "colour", "size"))
+    changed = policy.model.model.vision_tower.state_dict()
+    assert all(not torch.equal(tower[k], changed[k]) for k in tower if k.endswith("weight"))
+
+    after_vision = {}
+
+    def pretrain_and_snapshot(policy, *args):
+        metrics = pretrain_vision(policy, *args)
+        after_vision.update({k: v.clone() for k, v in policy.model.state_dict().items()})
+        return metrics
+
+    monkeypatch.setattr("grpo_fast.sft.pretrain_vision", pretrain_and_snapshot)
+    cfg = SFTConfig(data=str(tmp_path / "data"), vision_steps=3, steps=3, batch_size=4, out=str(tmp_path / "out"))
+    train(cfg)
+    final = load_policy(tmp_path / "out/checkpoint").model.state_dict()
+    tower_keys = [k for k in final if ".vision_tower." in k]
+    assert tower_keys and all(torch.equal(final[k], after_vision[k]) for k in tower_keys)
+    assert not torch.equal(
+        final["model.language_model.embed_tokens.weight"], after_vision["model.language_model.embed_tokens.weight"]
+    )
+
+
+def test_vision_steps_default_to_pretraining_only_a_preset_model():
+    assert resolved_vision_steps(SFTConfig()) == TINY_VISION_STEPS
+    assert resolved_vision_steps(SFTConfig(model="path/to/checkpoint")) == 0
+    assert resolved_vision_steps(SFTConfig(model="path/to/checkpoint", vision_steps=5)) == 5
 
 
 def test_cli_flags_come_from_the_config():
@@ -39,6 +87,7 @@ def test_help_lists_every_field(capsys):
         parse_args(["--help"])
     out = capsys.readouterr().out
     assert done.value.code == 0 and "cosine decay to 10%" in out and "--describe-end" in out and "--count" in out
+    assert "--vision-steps" in out and parse_args(["--vision-steps", "none"]).vision_steps is None
 
 
 def test_describe_share_is_constant_or_linear_to_describe_end():
@@ -58,8 +107,11 @@ def test_describe_share_is_constant_or_linear_to_describe_end():
         (["--data", "{tmp}/seed"], "--targets mixed needs synthetic items"),
         (["--n", "4", "--model", "nope"], "unknown model 'nope'"),
         (["--targets", "silver"], "targets must be one of"),
-        (["--steps", "0"], "steps and batch_size must be >= 1"),
+        (["--steps", "0"], "steps, batch_size and vision_batch_size must be >= 1"),
+        (["--vision-batch-size", "0"], "steps, batch_size and vision_batch_size must be >= 1"),
         (["--describe", "0.8", "--count", "0.4"], "describe \\+ count <= 1"),
+        (["--vision-steps", "-1"], "vision_steps must be >= 0"),
+        (["--data", "{tmp}/seed", "--targets", "gold"], "vision pretraining needs synthetic items"),
     ],
 )
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, args, message):

@@ -52,6 +52,7 @@ def test_help_lists_every_field():
         (["--num-generations", "1"], "num_generations must be >= 2"),
         (["--batch-size", "10"], "batch_size (10) must be a positive multiple of num_generations (4)"),
         (["--loss-type", "ppo"], "loss_type must be one of"),
+        (["--sft-vision-steps", "-1"], "sft_vision_steps must be >= 0 or None"),
         (["--model", "{tmp}/missing-model"], "is neither a preset (tiny) nor an existing folder"),
         (["--config", "{tmp}/bad.yaml"], "unknown config key 'learning_rat'"),
         (["--config", "{tmp}/nope.yaml"], "does not exist"),

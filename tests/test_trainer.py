@@ -58,6 +58,8 @@ def test_default_path_writes_every_artifact(tmp_path, data, capsys):
         "24",
         "--sft-steps",
         "2",
+        "--sft-vision-steps",
+        "2",
         "--max-steps",
         "2",
         "--save-steps",
@@ -73,7 +75,8 @@ def test_default_path_writes_every_artifact(tmp_path, data, capsys):
     assert (tmp_path / "fresh-data/train.jsonl").is_file()
     assert (tmp_path / "runs/warm-start/checkpoint/sft_config.json").is_file()
     cfg = build_config({}, run / "config.yaml")
-    assert (cfg.max_steps, cfg.batch_size, cfg.sft_steps) == (2, 8, 2)
+    assert (cfg.max_steps, cfg.batch_size, cfg.sft_steps, cfg.sft_vision_steps) == (2, 8, 2, 2)
+    assert json.loads((tmp_path / "runs/warm-start/checkpoint/sft_config.json").read_text())["vision_steps"] == 2
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "reward" in r] == [1, 2]
     assert [r["step"] for r in records if "eval/reward" in r] == [0, 2]
@@ -87,7 +90,8 @@ def test_default_path_writes_every_artifact(tmp_path, data, capsys):
     assert (run / "checkpoints/step-000002/trainer_state.pt").is_file()
     assert load_policy(run / "final").image_seq_length == 16
     # the warm start is reused by the next run with the same settings
-    _run(tmp_path, tmp_path / "fresh-data", "--n", "24", "--sft-steps", "2", "--max-steps", "1", "--name", "ci2")
+    args = ("--n", "24", "--sft-steps", "2", "--sft-vision-steps", "2", "--max-steps", "1", "--name", "ci2")
+    _run(tmp_path, tmp_path / "fresh-data", *args)
     assert "warm start: reusing" in capsys.readouterr().out
 
 

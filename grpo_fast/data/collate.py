@@ -89,14 +89,15 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, question: str, placeholder
     return text.replace(placeholder, image, 1)
 
 
-def _rgb(path: str) -> Image.Image:
+def load_rgb(path: str) -> Image.Image:
+    """The image file at `path` as an RGB PIL image (file closed)."""
     with Image.open(path) as image:
         return image.convert("RGB")
 
 
 def _internvl_prompts(policy: Policy, items: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, torch.Tensor]]:
     tok = policy.tokenizer
-    tiles = [policy.tiling.tile(_rgb(it["image"])).pixel_values for it in items]
+    tiles = [policy.tiling.tile(load_rgb(it["image"])).pixel_values for it in items]
     context = tok.context_image_token
     prompts = [
         render_prompt(
@@ -112,7 +113,7 @@ def _internvl_prompts(policy: Policy, items: Sequence[dict[str, Any]]) -> tuple[
 
 def _qwen_vl_prompts(policy: Policy, items: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, torch.Tensor]]:
     processor = policy.image_processor
-    vision = processor(images=[_rgb(it["image"]) for it in items], return_tensors="pt")
+    vision = processor(images=[load_rgb(it["image"]) for it in items], return_tensors="pt")
     grid = vision["image_grid_thw"]
     pad = policy.tokenizer.convert_ids_to_tokens(policy.image_token_id)
     counts = (grid.prod(-1) // processor.merge_size**2).tolist()  # merge_size^2 patches -> one token

@@ -1,0 +1,45 @@
+"""Per-image-token ground truth of a synthetic scene: which object lies under each image token of its tiles.
+
+InternVL turns each tile into a square of `side x side` image tokens (row-major; 4 x 4 for the tiny model); the
+tiler resizes the image to the (cols, rows) grid and cuts it row-major, then appends the whole image resized to
+one tile (the thumbnail). A token's label is the object whose bounding square holds the token's centre, mapped
+back to the scene's pixels, or background. These labels pretrain the tiny model's vision tower (`grpo_fast.sft`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grpo_fast.data.scene import COLOURS, RADIUS, SHAPES, SIZES, Scene
+
+# Classes per attribute; 0 is background (no object under the token).
+NUM_CLASSES = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES)}
+
+
+def _label(scene: Scene, x: float, y: float) -> tuple[int, int, int]:
+    for o in scene.objects:
+        r = RADIUS[o.size]
+        if abs(x - o.x) <= r and abs(y - o.y) <= r:
+            return 1 + SHAPES.index(o.shape), 1 + list(COLOURS).index(o.colour), 1 + SIZES.index(o.size)
+    return 0, 0, 0
+
+
+def token_labels(scene: Scene, grid: tuple[int, int], num_tiles: int, side: int) -> torch.Tensor:
+    """`[num_tiles * side^2, 3]` long labels (shape, colour, size; 0 = background) of every image token.
+
+    `grid` is the tiler's (cols, rows); `num_tiles` is `cols * rows`, plus one when a thumbnail follows.
+    """
+    cols, rows = grid
+    if num_tiles not in (cols * rows, cols * rows + 1):
+        raise ValueError(f"num_tiles must be cols * rows ({cols * rows}) or one more (thumbnail), got {num_tiles}")
+    # (column, row, scene pixels per tile) of each tile; the thumbnail is one tile spanning the whole scene
+    tiles = [(k % cols, k // cols, scene.width / cols, scene.height / rows) for k in range(cols * rows)]
+    if num_tiles > cols * rows:
+        tiles.append((0, 0, float(scene.width), float(scene.height)))
+    labels = [
+        _label(scene, (c + (j + 0.5) / side) * tile_w, (r + (i + 0.5) / side) * tile_h)
+        for c, r, tile_w, tile_h in tiles
+        for i in range(side)
+        for j in range(side)
+    ]
+    return torch.tensor(labels, dtype=torch.long)

@@ -1,0 +1,56 @@
+"""Token labels: each image token's object, by hand on a small scene and against the real tiler's pixels."""
+
+import random
+
+import pytest
+import torch
+
+from grpo_fast.data.scene import COLOURS, SHAPES, Scene, SceneObject, render
+from grpo_fast.data.token_labels import token_labels
+from grpo_fast.models import load_policy
+from grpo_fast.vision import IMAGENET_MEAN, IMAGENET_STD
+
+
+def test_a_big_square_in_the_left_tile_by_hand():
+    # 128 x 64: a 2 x 1 grid plus the thumbnail; the square covers x, y in [8, 56]
+    scene = Scene(128, 64, (240, 240, 240), (SceneObject("square", "blue", "big", 32, 32),))
+    labels = token_labels(scene, (2, 1), 3, side=4).view(3, 4, 4, 3)
+    square = torch.tensor([1 + SHAPES.index("square"), 1 + list(COLOURS).index("blue"), 1])
+    # left tile: token centres at 8, 24, 40, 56 px on both axes, all on the square
+    assert (labels[0] == square).all()
+    assert (labels[1] == 0).all()
+    # thumbnail: token centres at x = 16, 48, 80, 112 and y = 8, 24, 40, 56 scene pixels
+    assert (labels[2, :, :2] == square).all() and (labels[2, :, 2:] == 0).all()
+
+
+def test_labels_match_the_tilers_pixels():
+    """Squares fill their bounding square, so a labelled token's centre pixel has its object's colour."""
+    rng = random.Random(0)
+    policy = load_policy("tiny")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for width, height in ((192, 96), (96, 192), (160, 160), (100, 64), (250, 120), (64, 110)):
+        # two big squares (48 px), one in each half of the longer side, so they never overlap
+        halves = (
+            [(0, width // 2), (width // 2, width)] if width >= height else [(0, height // 2), (height // 2, height)]
+        )
+        objects = []
+        for colour, (lo, hi) in zip(rng.sample(list(COLOURS), 2), halves):
+            along, across = rng.randint(lo + 25, hi - 25), rng.randint(25, min(width, height) - 25)
+            x, y = (along, across) if width >= height else (across, along)
+            objects.append(SceneObject("square", colour, "big", x, y))
+        scene = Scene(width, height, (240, 240, 240), tuple(objects))
+        tiled = policy.tiling.tile(render(scene))
+        labels = token_labels(scene, tiled.grid, len(tiled.pixel_values), side=4)
+        rgb = (tiled.pixel_values * std + mean) * 255  # [n, 3, 64, 64]
+        centres = rgb[:, :, 8::16, 8::16].permute(0, 2, 3, 1).reshape(-1, 3)  # [n * 16, 3], token order
+        wanted = torch.tensor([COLOURS[list(COLOURS)[c - 1]] if c else (240, 240, 240) for c in labels[:, 1].tolist()])
+        matches = (centres - wanted).abs().amax(dim=1) < 30
+        # resampling blurs edges, so a centre a pixel or two from a square's edge may be a mix of both colours
+        assert matches.float().mean() >= 0.9, (width, height, matches.float().mean())
+        assert labels[:, 0].gt(0).sum() >= 4  # the squares are seen, not all background
+
+
+def test_num_tiles_must_fit_the_grid():
+    scene = Scene(64, 64, (240, 240, 240), ())
+    with pytest.raises(ValueError, match="num_tiles must be cols \\* rows"):
+        token_labels(scene, (2, 2), 3, side=4)
