@@ -4,9 +4,10 @@ Real VLMs start SFT from a pretrained vision encoder; the tiny model's starts fr
 language loss alone it learned colour within the SFT budget but not shape (shape words of captions cost 1.41
 nats/token with the item's image and 1.40 with another item's, i.e. ln 4: the tower did not see shape), so the
 policy could not tell which objects a question is about. This stage trains the vision tower and projector with
-three linear heads on the image features the language model reads (shape, colour and size of the object under
-each token, or background; labels from `grpo_fast.data.token_labels`), on the same training images. The SFT
-then keeps the tower frozen: with the language loss on it, the features were lost again within 700 steps.
+linear heads on the image features the language model reads: shape, colour and size of the object under each
+token (or background), and on the thumbnail how many objects share that object's shape (labels from
+`grpo_fast.data.token_labels`), on the training images. The SFT then keeps the tower frozen: with the language
+loss on it, the features were lost again within 700 steps.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from grpo_fast.data.scene import Scene
 from grpo_fast.data.token_labels import NUM_CLASSES, token_labels
 from grpo_fast.models.policy import Policy
 
-ATTRIBUTES = tuple(NUM_CLASSES)  # ("shape", "colour", "size"): columns of token_labels
+ATTRIBUTES = tuple(NUM_CLASSES)  # ("shape", "colour", "size", "count"): the columns of token_labels
 
 
 def _vision_batch(policy: Policy, items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,6 +46,17 @@ def _logits(policy: Policy, heads: torch.nn.Linear, pixel_values: torch.Tensor) 
     return list(logits.split(list(NUM_CLASSES.values()), dim=-1))
 
 
+def _losses(logits: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+    """Cross-entropy per attribute; "count" only where it is labelled (thumbnail tokens on an object), if anywhere."""
+    losses = []
+    for k, (name, lg) in enumerate(zip(ATTRIBUTES, logits)):
+        if name != "count":
+            losses.append(F.cross_entropy(lg, labels[:, k]))
+        elif labels[:, k].any():  # images of one tile have no thumbnail
+            losses.append(F.cross_entropy(lg, labels[:, k], ignore_index=0))
+    return losses
+
+
 def pretrain_vision(
     policy: Policy,
     train_items: list[dict[str, Any]],
@@ -57,7 +69,8 @@ def pretrain_vision(
 ) -> dict[str, float]:
     """Trains `policy`'s vision tower and projector on token labels; returns losses and val accuracy per attribute.
 
-    Items need `scene` (synthetic data). Accuracy counts the tokens that lie on an object.
+    Items need `scene` (synthetic data). Accuracy counts the labelled tokens: those on an object (for "count", those
+    of the thumbnail on an object).
     """
     if policy.tiling is None:
         raise ValueError("vision pretraining needs an InternVL policy (the tiny model)")
@@ -70,7 +83,7 @@ def pretrain_vision(
     losses = []
     for _ in (bar := tqdm(range(steps), desc="vision", unit="step")):
         pixel_values, labels = _vision_batch(policy, rng.sample(train_items, min(batch_size, len(train_items))))
-        loss = sum(F.cross_entropy(lg, labels[:, k]) for k, lg in enumerate(_logits(policy, heads, pixel_values)))
+        loss = sum(_losses(_logits(policy, heads, pixel_values), labels))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -81,8 +94,9 @@ def pretrain_vision(
     if val_items:
         with torch.no_grad():
             pixel_values, labels = _vision_batch(policy, val_items)
-            on_object = labels[:, 0] > 0
             for k, lg in enumerate(_logits(policy, heads, pixel_values)):
-                hits = lg[on_object].argmax(-1) == labels[on_object, k]
-                metrics[f"vision_val_acc/{ATTRIBUTES[k]}"] = hits.float().mean().item()
+                labelled = labels[:, k] > 0  # on an object (and for "count", on the thumbnail)
+                if labelled.any():
+                    hits = lg[labelled].argmax(-1) == labels[labelled, k]
+                    metrics[f"vision_val_acc/{ATTRIBUTES[k]}"] = hits.float().mean().item()
     return metrics

@@ -1,10 +1,12 @@
 """SFT warm start: a few steps lower the loss and write checkpoint, loss curve and metrics; bad input fails clearly."""
 
 import json
+import math
 
 import pytest
 import torch
 
+from grpo_fast.data.scene import Scene, SceneObject, render
 from grpo_fast.data.seed import load_seed
 from grpo_fast.data.synthetic import generate
 from grpo_fast.models import load_policy
@@ -69,6 +71,15 @@ def test_vision_pretraining_lowers_its_loss_then_sft_keeps_the_tower_frozen(tmp_
     assert not torch.equal(
         final["model.language_model.embed_tokens.weight"], after_vision["model.language_model.embed_tokens.weight"]
     )
+
+
+def test_vision_pretraining_on_one_tile_images_has_no_count_to_learn(tmp_path):
+    scene = Scene(64, 64, (240, 240, 240), (SceneObject("circle", "red", "big", 32, 32),))
+    render(scene).save(tmp_path / "one.png")
+    item = {"image": str(tmp_path / "one.png"), "scene": scene.to_dict()}
+    metrics = pretrain_vision(load_policy("tiny"), [item], [item], 2, 1, 1e-3, lambda s: 1.0, seed=0)
+    assert math.isfinite(metrics["vision_loss_last"]) and metrics["vision_val_acc/shape"] >= 0.0
+    assert "vision_val_acc/count" not in metrics  # no thumbnail: no token is asked to count
 
 
 def test_vision_steps_default_to_pretraining_only_a_preset_model():

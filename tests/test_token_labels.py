@@ -14,13 +14,26 @@ from grpo_fast.vision import IMAGENET_MEAN, IMAGENET_STD
 def test_a_big_square_in_the_left_tile_by_hand():
     # 128 x 64: a 2 x 1 grid plus the thumbnail; the square covers x, y in [8, 56]
     scene = Scene(128, 64, (240, 240, 240), (SceneObject("square", "blue", "big", 32, 32),))
-    labels = token_labels(scene, (2, 1), 3, side=4).view(3, 4, 4, 3)
+    labels = token_labels(scene, (2, 1), 3, side=4).view(3, 4, 4, 4)
     square = torch.tensor([1 + SHAPES.index("square"), 1 + list(COLOURS).index("blue"), 1])
-    # left tile: token centres at 8, 24, 40, 56 px on both axes, all on the square
-    assert (labels[0] == square).all()
+    # left tile: token centres at 8, 24, 40, 56 px on both axes, all on the square; no count on tiles
+    assert (labels[0, ..., :3] == square).all() and (labels[0, ..., 3] == 0).all()
     assert (labels[1] == 0).all()
-    # thumbnail: token centres at x = 16, 48, 80, 112 and y = 8, 24, 40, 56 scene pixels
-    assert (labels[2, :, :2] == square).all() and (labels[2, :, 2:] == 0).all()
+    # thumbnail: token centres at x = 16, 48, 80, 112 and y = 8, 24, 40, 56 scene pixels; one square in the picture
+    assert (labels[2, :, :2, :3] == square).all() and (labels[2, :, :2, 3] == 1).all()
+    assert (labels[2, :, 2:] == 0).all()
+
+
+def test_thumbnail_tokens_count_the_objects_of_their_shape():
+    objects = [SceneObject("square", "blue", "big", 32, 32), SceneObject("circle", "red", "big", 96, 32)]
+    objects += [SceneObject("square", c, "small", x, 96) for c, x in (("red", 32), ("green", 96))]
+    scene = Scene(128, 128, (240, 240, 240), tuple(objects))
+    labels = token_labels(scene, (2, 2), 5, side=4)
+    thumbnail, tiles = labels[64:], labels[:64]
+    square, circle = thumbnail[:, 0] == 1 + SHAPES.index("square"), thumbnail[:, 0] == 1 + SHAPES.index("circle")
+    assert square.any() and circle.any()
+    assert (thumbnail[square, 3] == 3).all() and (thumbnail[circle, 3] == 1).all()
+    assert (tiles[:, 3] == 0).all() and (tiles[:, 0] > 0).any()
 
 
 def test_labels_match_the_tilers_pixels():

@@ -12,20 +12,24 @@ import torch
 
 from grpo_fast.data.scene import COLOURS, RADIUS, SHAPES, SIZES, Scene
 
-# Classes per attribute; 0 is background (no object under the token).
-NUM_CLASSES = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES)}
+MAX_COUNT = 3  # "same shape" counts above this are labelled MAX_COUNT
+# Classes per attribute; 0 is background (no object under the token) and, for "count", also a tile token: only
+# the thumbnail sees the whole picture, so only its tokens are asked how many objects share their object's shape.
+NUM_CLASSES = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES), "count": 1 + MAX_COUNT}
 
 
-def _label(scene: Scene, x: float, y: float) -> tuple[int, int, int]:
+def _label(scene: Scene, x: float, y: float, whole_picture: bool) -> tuple[int, int, int, int]:
     for o in scene.objects:
         r = RADIUS[o.size]
         if abs(x - o.x) <= r and abs(y - o.y) <= r:
-            return 1 + SHAPES.index(o.shape), 1 + list(COLOURS).index(o.colour), 1 + SIZES.index(o.size)
-    return 0, 0, 0
+            count = min(sum(other.shape == o.shape for other in scene.objects), MAX_COUNT) if whole_picture else 0
+            return 1 + SHAPES.index(o.shape), 1 + list(COLOURS).index(o.colour), 1 + SIZES.index(o.size), count
+    return 0, 0, 0, 0
 
 
 def token_labels(scene: Scene, grid: tuple[int, int], num_tiles: int, side: int) -> torch.Tensor:
-    """`[num_tiles * side^2, 3]` long labels (shape, colour, size; 0 = background) of every image token.
+    """`[num_tiles * side^2, 4]` long labels of every image token: shape, colour, size (0 = background) and, on
+    the thumbnail, how many objects have the shape of the token's object (0 = background or a tile token).
 
     `grid` is the tiler's (cols, rows); `num_tiles` is `cols * rows`, plus one when a thumbnail follows.
     """
@@ -33,12 +37,12 @@ def token_labels(scene: Scene, grid: tuple[int, int], num_tiles: int, side: int)
     if num_tiles not in (cols * rows, cols * rows + 1):
         raise ValueError(f"num_tiles must be cols * rows ({cols * rows}) or one more (thumbnail), got {num_tiles}")
     # (column, row, scene pixels per tile) of each tile; the thumbnail is one tile spanning the whole scene
-    tiles = [(k % cols, k // cols, scene.width / cols, scene.height / rows) for k in range(cols * rows)]
+    tiles = [(k % cols, k // cols, scene.width / cols, scene.height / rows, False) for k in range(cols * rows)]
     if num_tiles > cols * rows:
-        tiles.append((0, 0, float(scene.width), float(scene.height)))
+        tiles.append((0, 0, float(scene.width), float(scene.height), True))
     labels = [
-        _label(scene, (c + (j + 0.5) / side) * tile_w, (r + (i + 0.5) / side) * tile_h)
-        for c, r, tile_w, tile_h in tiles
+        _label(scene, (c + (j + 0.5) / side) * tile_w, (r + (i + 0.5) / side) * tile_h, thumbnail)
+        for c, r, tile_w, tile_h, thumbnail in tiles
         for i in range(side)
         for j in range(side)
     ]
