@@ -29,7 +29,7 @@ ATTRIBUTES = tuple(NUM_CLASSES)  # ("shape", "colour", "size", "count"): the col
 
 
 def _vision_batch(policy: Policy, items: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tiles `[N, 3, t, t]` of the items' images and their tokens' labels `[N * tokens per tile, 3]`."""
+    """Tiles `[N, 3, t, t]` of the items' images and their tokens' labels `[N * tokens per tile, 4]`."""
     side = int(policy.image_seq_length**0.5)
     tiles, labels = [], []
     for it in items:
