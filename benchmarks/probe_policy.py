@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from grpo_fast.data.collate import collate
+from grpo_fast.data.collate import Batch, collate
 from grpo_fast.data.phrasing import DESCRIBE_QUESTION, count_question, describe
 from grpo_fast.data.scene import COLOURS, SHAPES, SIZES, Scene, Target
 from grpo_fast.data.seed import load_seed
@@ -36,16 +36,21 @@ from grpo_fast.trainer_eval import greedy_completions
 
 
 @torch.no_grad()
-def logp(policy: Policy, items: Sequence[dict[str, Any]], texts: Sequence[str], eos: bool = True) -> torch.Tensor:
-    """`[B]` summed log-probs of `texts` as completions of `items` (with the final eos unless `eos` is False)."""
+def token_logp(policy: Policy, items: Sequence[dict[str, Any]], texts: Sequence[str]) -> tuple[torch.Tensor, Batch]:
+    """`[B, C]` log-probs of each token of `texts` as completions of `items`, and the batch (ids and mask)."""
     batch = collate(policy, items, texts)
     width = batch.completion_ids.shape[1]
     logits = policy.model(**batch.model_inputs(), logits_to_keep=width + 1).logits[:, :-1]
-    token_logp = torch.log_softmax(logits.float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return torch.log_softmax(logits.float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1), batch
+
+
+def logp(policy: Policy, items: Sequence[dict[str, Any]], texts: Sequence[str], eos: bool = True) -> torch.Tensor:
+    """`[B]` summed log-probs of `texts` as completions of `items` (with the final eos unless `eos` is False)."""
+    token_lp, batch = token_logp(policy, items, texts)
     mask = batch.completion_mask.clone()
     if not eos:
         mask[torch.arange(len(items)), mask.sum(1) - 1] = 0
-    return (token_logp * mask).sum(1)
+    return (token_lp * mask).sum(1)
 
 
 def _truth(item: dict[str, Any]) -> tuple[Scene, Target, list[str]]:
@@ -129,15 +134,12 @@ def caption_word_loss(policy: Policy, items: list[dict[str, Any]], shuffle: bool
         chunk = [
             it | {"question": DESCRIBE_QUESTION, "image": im} for it, im in zip(items[i : i + 16], images[i : i + 16])
         ]
-        batch = collate(policy, chunk, [describe(Scene.from_dict(it["scene"])) for it in chunk])
-        width = batch.completion_ids.shape[1]
-        logits = policy.model(**batch.model_inputs(), logits_to_keep=width + 1).logits[:, :-1]
-        nll = -torch.log_softmax(logits.float(), -1).gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-        for ids, mask, row in zip(batch.completion_ids, batch.completion_mask, nll):
-            for token, on, loss in zip(ids.tolist(), mask.tolist(), row.tolist()):
+        token_lp, batch = token_logp(policy, chunk, [describe(Scene.from_dict(it["scene"])) for it in chunk])
+        for ids, mask, row in zip(batch.completion_ids, batch.completion_mask, token_lp):
+            for token, on, lp in zip(ids.tolist(), mask.tolist(), row.tolist()):
                 word = policy.tokenizer.decode([token]).strip()
                 if on and word in classes:
-                    losses[classes[word]].append(loss)
+                    losses[classes[word]].append(-lp)
     return {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
 
 

@@ -51,11 +51,14 @@ def warm_start(cfg: GRPOConfig, env: DistEnv) -> str:
     if cfg.model not in PRESETS or not cfg.warm_start:
         return cfg.model
     out = warm_start_dir(cfg)
-    steps = {} if cfg.sft_steps is None else {"steps": cfg.sft_steps}
-    if cfg.sft_vision_steps is not None:
-        steps["vision_steps"] = cfg.sft_vision_steps
+    overrides = {"steps": cfg.sft_steps, "vision_steps": cfg.sft_vision_steps}  # None: grpo_fast.sft's default
     sft_cfg = sft.SFTConfig(
-        data=cfg.data, skip_bad_lines=cfg.skip_bad_lines, model=cfg.model, seed=cfg.seed, out=str(out), **steps
+        data=cfg.data,
+        skip_bad_lines=cfg.skip_bad_lines,
+        model=cfg.model,
+        seed=cfg.seed,
+        out=str(out),
+        **{k: v for k, v in overrides.items() if v is not None},
     )
     saved = out / "checkpoint" / "sft_config.json"
     if saved.is_file() and json.loads(saved.read_text()) == dataclasses.asdict(sft_cfg):
