@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_fast-installed
 
-.PHONY: setup test train bench bench-tiling-tv clean
+.PHONY: setup test train bench bench-tiling-tv asan clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,21 @@ bench-tiling-tv: setup
 	test -x .venv-tv/bin/python || $(PYTHON) -m venv .venv-tv
 	.venv-tv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 transformers pillow numpy pytest pytest-benchmark
 	PYTHONPATH=$(CURDIR) .venv-tv/bin/python -m pytest benchmarks/test_tiling.py --benchmark-only $(ARGS)
+
+# The C++ tiler under AddressSanitizer + UBSan, built in build/asan (the suite's grpo_fast/_tiling*.so stays as it
+# is) and loaded by tests/vision/conftest.py into a Python that preloads libasan: the tiler tests and the fuzz test
+# (test_large measures memory, which the sanitizers inflate). The first sanitizer report fails the run.
+ASAN_DIR := $(CURDIR)/build/asan
+asan: setup
+	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=$(CXX) \
+	  -DPython_EXECUTABLE=$(abspath $(PY)) -Dpybind11_DIR="$$($(PY) -m pybind11 --cmakedir)" \
+	  -DCMAKE_LIBRARY_OUTPUT_DIRECTORY=$(ASAN_DIR)/lib \
+	  -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer" \
+	  -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined"
+	cmake --build $(ASAN_DIR) -j
+	GRPO_FAST_TILING_SO="$$(ls $(ASAN_DIR)/lib/_tiling*.so)" LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  $(PY) -m pytest tests/vision -q -p no:cacheprovider --capture=sys --ignore=tests/vision/test_large.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

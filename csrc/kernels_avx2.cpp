@@ -66,8 +66,11 @@ GRPO_FAST_AVX2 inline void transpose8x8(__m256i v[8]) {
 // Both directions are an 8x8 transpose of pixels (one dword each): 8 pixels of 8 rows <-> 8 rows of 8 pixels.
 GRPO_FAST_AVX2 void pack_strip(const uint8_t* const* rows, int n, int pixel_stride, uint8_t* strip) {
   __m256i v[8];
+  // 4-byte pixels load 32 bytes per 8: the last pixel is left to the scalar tail, so its 4th byte (past the row's
+  // last RGB byte, maybe past the buffer) is never read.
+  const int simd_n = pixel_stride == 4 ? n - 1 : n;
   int x = 0;
-  for (; x + 8 <= n; x += 8) {
+  for (; x + 8 <= simd_n; x += 8) {
     for (int r = 0; r < kStripRows; ++r)
       v[r] = pixel_stride == 4 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + 4 * x))
                                : load24_as_dwords(rows[r] + 3 * x);

@@ -121,7 +121,7 @@ inline void convolve_strip(const uint8_t* strip, int x0, const AxisPlan& plan, i
 }
 
 // Packs pixels [0, n) of 8 rows (RGB first in each pixel, pixels `pixel_stride` = 3 or 4 bytes apart) into a
-// strip [n][8][3].
+// strip [n][8][3]; nothing past the last pixel's RGB bytes is read.
 inline void pack_strip(const uint8_t* const* rows, int n, int pixel_stride, uint8_t* strip) {
   for (int x = 0; x < n; ++x)
     for (int r = 0; r < kStripRows; ++r) std::memcpy(strip + x * kStripLanes + r * 3, rows[r] + x * pixel_stride, 3);

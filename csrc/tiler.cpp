@@ -1,14 +1,51 @@
+// The tiler's engine: jobs, each resampling rectangles of resized canvases into sinks, run on a pool of threads;
+// `resize` and `tile_batch` plan the jobs of one call.
 #include "tiler.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <mutex>
+#include <system_error>
 #include <thread>
+
+#include "resample.h"
 
 namespace grpo_fast {
 namespace {
+
+// Where output rows go: rows of a canvas cut into `tile`-px square tiles, `cols` per tile row, each float32 planes
+// [3][tile][tile] normalized as (v / 255 - mean) / std, tile (r, c) at planes + (r * cols + c) * 3 * tile * tile
+// (`planes` set); or a uint8 [canvas height][canvas width][3] image (`pixels` set, for the Pillow-parity resize).
+struct Sink {
+  float* planes = nullptr;
+  uint8_t* pixels = nullptr;
+  int tile = 0;
+  int cols = 0;
+  float mean[3] = {0, 0, 0};
+  float std[3] = {1, 1, 1};
+};
+
+// A rectangle [x0, x0 + width) x [y0, y0 + height) of the input resized to a canvas of plan_x.out_size x
+// plan_y.out_size, written to `sink` (for tiles, x0 and width are multiples of the tile).
+struct Target {
+  const AxisPlan* plan_x;
+  const AxisPlan* plan_y;
+  int x0, y0, width, height;
+  Sink sink;
+};
+
+// Resample `image` into each target with Pillow's pass order. A horizontal-first job streams the input rows its
+// targets need once for all of them (e.g. a band of canvas tiles and the matching band of the thumbnail); a
+// vertical-first job has one target.
+struct Job {
+  const ImageView* image;
+  bool vertical_first;
+  std::vector<Target> targets;
+};
 
 // The hot kernels, picked once per call: AVX2 where the CPU has it, else the scalar definitions.
 struct Kernels {
@@ -111,13 +148,14 @@ void run_horizontal_first(const Job& job, const Kernels& kern) {
 }
 
 // Vertical pass first (Pillow >= 13 when the height shrinks much more): 8 output rows at a time are resampled
-// vertically over the input span (whole pixels, the 4th byte too when there is one), packed into a strip and
-// resampled horizontally.
+// vertically over the input span (whole pixels, the 4th byte too when there is one, but the last pixel's RGB
+// only), packed into a strip and resampled horizontally.
 void run_vertical_first(const Target& t, const ImageView& im, const Kernels& kern) {
   const AxisPlan &px = *t.plan_x, &py = *t.plan_y;
   const int w = t.width, h = t.height;
   const auto [sx0, sx1] = input_span(px, t.x0, w);
-  const size_t span_len = static_cast<size_t>(im.pixel_stride) * (sx1 - sx0), row_len = static_cast<size_t>(3) * w;
+  const size_t span_len = static_cast<size_t>(im.pixel_stride) * (sx1 - sx0 - 1) + 3;
+  const size_t row_len = static_cast<size_t>(3) * w;
   std::vector<uint8_t> vrows(kStripRows * span_len);
   std::vector<uint8_t> strip(static_cast<size_t>(sx1 - sx0) * kStripLanes);
   std::vector<uint8_t> strip_out(static_cast<size_t>(w) * kStripLanes + 8), out_rows(kStripRows * row_len);
@@ -143,15 +181,14 @@ void run_vertical_first(const Target& t, const ImageView& im, const Kernels& ker
   }
 }
 
-}  // namespace
-
-void allow_simd(bool allowed) { simd_allowed = allowed; }
-
+// Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice the width's shrink
+// (`vertical_first_rule`); older Pillow always starts horizontally. Measured against Pillow, see tests.
 bool vertical_first(int in_w, int in_h, int out_w, int out_h, bool vertical_first_rule) {
   return vertical_first_rule && out_h < in_h &&
          static_cast<int64_t>(in_h) - out_h > 2 * (static_cast<int64_t>(in_w) - out_w);
 }
 
+// Runs `jobs` on `num_threads` native threads (the caller's included); rethrows the first failure.
 void run_jobs(const std::vector<Job>& jobs, int num_threads) {
   const Kernels kern = pick_kernels();
   std::atomic<size_t> next{0};
@@ -174,10 +211,86 @@ void run_jobs(const std::vector<Job>& jobs, int num_threads) {
   const int extra = std::max(0, std::min<int>(num_threads, static_cast<int>(jobs.size())) - 1);
   std::vector<std::thread> threads;
   threads.reserve(extra);
-  for (int t = 0; t < extra; ++t) threads.emplace_back(worker);
+  try {
+    for (int t = 0; t < extra; ++t) threads.emplace_back(worker);
+  } catch (const std::system_error&) {
+    // No more threads (a thread limit, no memory for a stack): the ones started and this one do all the jobs.
+  }
   worker();
   for (auto& t : threads) t.join();
   if (failure) std::rethrow_exception(failure);
+}
+
+}  // namespace
+
+void allow_simd(bool allowed) { simd_allowed = allowed; }
+
+void resize(const ImageView& image, int width, int height, bool vertical_first_rule, uint8_t* pixels) {
+  const AxisPlan px = make_plan(image.width, width), py = make_plan(image.height, height);
+  Sink sink;
+  sink.pixels = pixels;
+  const Job job{&image, vertical_first(image.width, image.height, width, height, vertical_first_rule),
+                {Target{&px, &py, 0, 0, width, height, sink}}};
+  run_jobs({job}, 1);
+}
+
+void tile_batch(const std::vector<TileRequest>& requests, int tile_size, const float mean[3], const float std[3],
+                bool vertical_first_rule, int num_threads) {
+  // Plans per image: [0] canvas x, [1] canvas y, [2] thumbnail x, [3] thumbnail y. unique_ptr keeps addresses.
+  std::vector<std::unique_ptr<AxisPlan[]>> plans(requests.size());
+  std::vector<Job> jobs;
+  // Horizontal-first canvases run as bands of tile rows (each with its share of the thumbnail, so the input is read
+  // once); tile rows are split further when there are fewer of them than threads, into bands of >= 1 canvas row.
+  long long tile_rows = 0;
+  for (const TileRequest& r : requests) tile_rows += r.rows;
+  const int splits = static_cast<int>(
+      std::clamp((num_threads + tile_rows - 1) / std::max(1LL, tile_rows), 1LL, static_cast<long long>(tile_size)));
+  const size_t tile_floats = static_cast<size_t>(3) * tile_size * tile_size;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const TileRequest& r = requests[i];
+    const ImageView& v = r.image;
+    const int cols = r.cols, rows = r.rows;
+    const long long n_grid = static_cast<long long>(cols) * rows;
+    plans[i].reset(new AxisPlan[4]);
+    AxisPlan* p = plans[i].get();
+    p[0] = make_plan(v.width, cols * tile_size);
+    p[1] = make_plan(v.height, rows * tile_size);
+    if (r.thumbnail) {
+      p[2] = make_plan(v.width, tile_size);
+      p[3] = make_plan(v.height, tile_size);
+    }
+    Sink canvas_sink, thumb_sink;
+    for (Sink* sink : {&canvas_sink, &thumb_sink}) {
+      sink->tile = tile_size;
+      for (int c = 0; c < 3; ++c) sink->mean[c] = mean[c], sink->std[c] = std[c];
+    }
+    canvas_sink.planes = r.planes;
+    canvas_sink.cols = cols;
+    thumb_sink.planes = r.planes + n_grid * tile_floats;
+    thumb_sink.cols = 1;
+    const bool canvas_vf = vertical_first(v.width, v.height, cols * tile_size, rows * tile_size, vertical_first_rule);
+    const bool thumb_vf = vertical_first(v.width, v.height, tile_size, tile_size, vertical_first_rule);
+    const bool thumb_in_bands = r.thumbnail && !canvas_vf && !thumb_vf;
+    if (canvas_vf) {
+      for (long long t = 0; t < n_grid; ++t) {
+        const int x0 = static_cast<int>(t % cols) * tile_size, y0 = static_cast<int>(t / cols) * tile_size;
+        jobs.push_back(Job{&v, true, {Target{&p[0], &p[1], x0, y0, tile_size, tile_size, canvas_sink}}});
+      }
+    } else {
+      const int bands = rows * splits, canvas_h = rows * tile_size;
+      for (int b = 0; b < bands; ++b) {
+        const int y0 = static_cast<int>(static_cast<long long>(b) * canvas_h / bands);
+        const int y1 = static_cast<int>(static_cast<long long>(b + 1) * canvas_h / bands);
+        Job job{&v, false, {Target{&p[0], &p[1], 0, y0, cols * tile_size, y1 - y0, canvas_sink}}};
+        if (thumb_in_bands && y0 / rows < y1 / rows)  // thumbnail rows [y0 / rows, y1 / rows): the same image band
+          job.targets.push_back(Target{&p[2], &p[3], 0, y0 / rows, tile_size, y1 / rows - y0 / rows, thumb_sink});
+        jobs.push_back(std::move(job));
+      }
+    }
+    if (r.thumbnail && !thumb_in_bands)
+      jobs.push_back(Job{&v, thumb_vf, {Target{&p[2], &p[3], 0, 0, tile_size, tile_size, thumb_sink}}});
+  }
+  run_jobs(jobs, num_threads);
 }
 
 std::pair<int, int> closest_grid(int width, int height, int tile_size, int min_tiles, int max_tiles) {

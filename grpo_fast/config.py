@@ -2,12 +2,18 @@
 
 GRPO knobs carry TRL's `GRPOConfig` names and defaults (beta 0.0, epsilon 0.2, loss_type "dapo", ...); a preset
 overrides some of them: "tiny" (the default: the built-in model on 2 CPU cores, ~11 minutes end to end) and
-"reference" (DESIGN.md's settings for a 2B VLM with LoRA). Precedence, lowest first: dataclass defaults, the
+"reference" (docs/design.md's settings for a 2B VLM with LoRA). Precedence, lowest first: dataclass defaults, the
 preset, `--config file.yaml`, `--key value` flags. Every bad value raises `ConfigError` with one line that says
 what to fix.
 
 Batch semantics follow TRL: `batch_size` counts completions per device and micro-step, so it holds
 `batch_size / num_generations` prompts, and a group's G completions always sit in one micro-batch.
+
+Every choice is a Literal alias declared here once (`LossType`, ...; `choices(alias)` lists its values), read by
+the validation, the command line (`grpo_fast.cli`) and the kernels' argument checks. `settings(schema)` lists the
+settable keys of a settings dataclass (the judge's flattened as judge_<field>) with their real types, and
+`convert` turns a YAML or command-line value into one. This module imports only the standard library and yaml (and
+the judge settings' stdlib-only dataclass), so any module may import it.
 """
 
 from __future__ import annotations
@@ -18,19 +24,39 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from grpo_fast.models.policy import PRESETS as MODEL_PRESETS
-from grpo_fast.rewards.llm_judge import LLMJudgeConfig
+from grpo_fast.judge_config import LLMJudgeConfig
+
+# Every choice a field, flag or kernel argument takes, declared once; `choices(alias)` lists the values.
+LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "luspo", "vespo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+ScaleRewards = Literal["group", "batch", "none"]
+LRSchedulerType = Literal["linear", "cosine", "constant"]
+JudgeKind = Literal["rule", "llm"]
+ReportTo = Literal["none", "tensorboard", "wandb"]
+AttnImplementation = Literal["auto", "sdpa", "eager", "flash_attention_2"]
+MultiObjectiveAggregation = Literal["sum_then_normalize", "normalize_then_sum"]  # several reward functions (TRL's)
+
+# GRPOConfig.judge_config's fields are the keys judge_<field> (flags --judge-<field>).
+JUDGE_PREFIX = "judge_"
+# The built-in model presets (grpo_fast.models.policy.PRESETS builds them; a test keeps the two in step).
+MODEL_PRESETS = ("tiny",)
+
+
+def choices(alias: Any) -> tuple[str, ...]:
+    """The values of a Literal alias, in declaration order: `choices(LossType) == ("grpo", "bnpo", ...)`."""
+    return typing.get_args(alias)
 
 
 class ConfigError(ValueError):
     """A bad configuration value; the message is one line naming the field and the fix."""
 
 
-def _f(default: Any, help: str, section: str) -> Any:
+def option(default: Any, help: str, section: str) -> Any:
+    """A dataclass field with its `--help` text and the help section (argument group) it is listed under."""
     return field(default=default, metadata={"help": help, "section": section})
 
 
@@ -39,88 +65,135 @@ class GRPOConfig:
     """Everything a run needs; `python -m grpo_fast.train --help` lists each field under its section."""
 
     # run
-    preset: str = _f("tiny", "named preset applied under the config file and flags: tiny, reference, none", "run")
-    name: str = _f("grpo-tiny", "run name: artifacts go to <output_dir>/<name>/", "run")
-    output_dir: str = _f("runs", "parent folder of runs", "run")
-    overwrite: bool = _f(False, "replace an existing run of the same name", "run")
-    resume: bool = _f(False, "continue the run in <output_dir>/<name>/ from its latest checkpoint", "run")
-    seed: int = _f(0, "seed of data order, sampling and initialisation", "run")
-    torch_threads: int = _f(0, "CPU threads for torch ops (0: torch's default, one per core)", "run")
-    max_steps: int = _f(100, "GRPO steps (each: rollouts, then num_iterations optimizer updates)", "run")
+    preset: str = option("tiny", "named preset applied under the config file and flags: tiny, reference, none", "run")
+    name: str = option("grpo-tiny", "run name: artifacts go to <output_dir>/<name>/", "run")
+    output_dir: str = option("runs", "parent folder of runs", "run")
+    overwrite: bool = option(False, "replace an existing run of the same name", "run")
+    resume: bool = option(False, "continue the run in <output_dir>/<name>/ from its latest checkpoint", "run")
+    seed: int = option(0, "seed of data order, sampling and initialisation", "run")
+    torch_threads: int = option(0, "CPU threads for torch ops (0: torch's default, one per core)", "run")
+    max_steps: int = option(100, "GRPO steps (each: rollouts, then num_iterations optimizer updates)", "run")
     # data
-    data: str = _f(
+    data: str = option(
         "data/synthetic", "folder with train.jsonl and val.jsonl (synthetic data is generated if absent)", "data"
     )
-    n: int = _f(2000, "synthetic items to generate when the data folder is absent", "data")
-    skip_bad_lines: bool = _f(False, "skip (and count) bad dataset lines instead of failing", "data")
+    synthetic_items: int = option(2000, "synthetic items to generate when the data folder is absent", "data")
+    skip_bad_lines: bool = option(False, "skip (and count) bad dataset lines instead of failing", "data")
     # model
-    model: str = _f(
+    model: str = option(
         "tiny", "preset name (tiny), or InternVL -hf / Qwen2-VL / Qwen2.5-VL / Qwen3-VL folder or hub id", "model"
     )
-    warm_start: bool = _f(True, "SFT warm start first when --model is a preset (grpo_fast.sft)", "model")
-    warm_start_dir: str | None = _f(
+    warm_start: bool = option(True, "SFT warm start first when --model is a preset (grpo_fast.sft)", "model")
+    warm_start_dir: str | None = option(
         None, "where the warm start is written and reused from (None: <output_dir>/warm-start)", "model"
     )
-    sft_steps: int | None = _f(None, "warm start: SFT optimizer steps (None: grpo_fast.sft's default)", "model")
-    sft_vision_steps: int | None = _f(
+    sft_steps: int | None = option(None, "warm start: SFT optimizer steps (None: grpo_fast.sft's default)", "model")
+    sft_vision_steps: int | None = option(
         None, "warm start: vision pretraining steps before SFT (None: grpo_fast.sft's default)", "model"
     )
-    lora: int = _f(0, "LoRA rank on all attention and MLP projections (0: full fine-tuning; needs peft)", "model")
-    lora_alpha: int = _f(16, "LoRA alpha", "model")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward to save memory", "model")
-    bf16: bool = _f(False, "bf16 autocast (CUDA only; ignored on CPU)", "model")
-    attn_implementation: str = _f(
+    lora: int = option(0, "LoRA rank on all attention and MLP projections (0: full fine-tuning; needs peft)", "model")
+    lora_alpha: int = option(16, "LoRA alpha", "model")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory", "model")
+    bf16: bool = option(False, "bf16 autocast (CUDA only; ignored on CPU)", "model")
+    attn_implementation: AttnImplementation = option(
         "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager", "model"
     )
-    use_liger: bool = _f(False, "apply Liger's model patches (CUDA, liger-kernel installed)", "model")
+    use_liger: bool = option(False, "apply Liger's model patches (CUDA, liger-kernel installed)", "model")
     # generation
-    num_generations: int = _f(8, "G: completions sampled per prompt", "generation")
-    max_prompt_length: int | None = _f(
+    num_generations: int = option(8, "G: completions sampled per prompt", "generation")
+    max_prompt_length: int | None = option(
         None, "prompt tokens at most, image tokens included (None: no limit)", "generation"
     )
-    max_completion_length: int = _f(512, "completion tokens at most", "generation")
-    temperature: float = _f(1.0, "sampling temperature (also divides the logits in the loss, as TRL)", "generation")
-    top_p: float = _f(1.0, "nucleus sampling mass", "generation")
-    top_k: int = _f(0, "sample among the k likeliest tokens (0: all)", "generation")
-    mask_truncated_completions: bool = _f(
+    max_completion_length: int = option(512, "completion tokens at most", "generation")
+    temperature: float = option(1.0, "sampling temperature (also divides the logits in the loss, as TRL)", "generation")
+    top_p: float = option(1.0, "nucleus sampling mass", "generation")
+    top_k: int = option(0, "sample among the k likeliest tokens (0: all)", "generation")
+    mask_truncated_completions: bool = option(
         False, "leave completions cut at max_completion_length out of the loss", "generation"
     )
     # reward
-    judge: str = _f("rule", "rule (offline, synthetic data) or llm (OpenAI-compatible endpoint, --judge-*)", "reward")
-    scale_rewards: str = _f("group", "advantage scale: group (group std), batch (batch std), none", "reward")
+    judge: JudgeKind = option(
+        "rule", "rule (offline, synthetic data) or llm (OpenAI-compatible endpoint, --judge-*)", "reward"
+    )
+    scale_rewards: ScaleRewards = option(
+        "group", "advantage scale: group (group std), batch (batch std), none", "reward"
+    )
+    multi_objective_aggregation: MultiObjectiveAggregation = option(
+        "sum_then_normalize",
+        "several reward functions: sum_then_normalize (weighted sum, then scale_rewards) or normalize_then_sum "
+        "(GDPO: each function normalized within its groups, the weighted sum over the batch)",
+        "reward",
+    )
     # optimisation (TRL names and defaults)
-    batch_size: int = _f(8, "completions per device per micro-step (a multiple of num_generations)", "optimization")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer update", "optimization")
-    num_iterations: int = _f(1, "mu: optimizer updates per batch of rollouts (old log-probs when > 1)", "optimization")
-    learning_rate: float = _f(1e-6, "peak AdamW learning rate", "optimization")
-    lr_scheduler_type: str = _f("linear", "decay after warm-up: linear, cosine or constant", "optimization")
-    warmup_steps: int = _f(0, "linear warm-up updates", "optimization")
-    weight_decay: float = _f(0.0, "AdamW weight decay", "optimization")
-    adam_beta1: float = _f(0.9, "AdamW beta1", "optimization")
-    adam_beta2: float = _f(0.999, "AdamW beta2", "optimization")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)", "optimization")
+    batch_size: int = option(8, "completions per device per micro-step (a multiple of num_generations)", "optimization")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer update", "optimization")
+    num_iterations: int = option(
+        1, "mu: optimizer updates per batch of rollouts (old log-probs when > 1)", "optimization"
+    )
+    learning_rate: float = option(1e-6, "peak AdamW learning rate", "optimization")
+    lr_scheduler_type: LRSchedulerType = option(
+        "linear", "decay after warm-up: linear, cosine or constant", "optimization"
+    )
+    warmup_steps: int = option(0, "linear warm-up updates", "optimization")
+    weight_decay: float = option(0.0, "AdamW weight decay", "optimization")
+    adam_beta1: float = option(0.9, "AdamW beta1", "optimization")
+    adam_beta2: float = option(0.999, "AdamW beta2", "optimization")
+    max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)", "optimization")
     # loss (TRL names and defaults)
-    beta: float = _f(0.0, "KL coefficient against the reference policy (0: no reference model)", "loss")
-    epsilon: float = _f(0.2, "lower clip range of the ratio", "loss")
-    epsilon_high: float | None = _f(None, "upper clip range (None: epsilon)", "loss")
-    delta: float | None = _f(None, "two-sided clipping: cap on the ratio (None: off)", "loss")
-    loss_type: str = _f("dapo", "aggregation: grpo, bnpo, dapo or dr_grpo", "loss")
-    importance_sampling_level: str = _f("token", "token or sequence (GSPO)", "loss")
+    beta: float = option(0.0, "KL coefficient against the reference policy (0: no reference model)", "loss")
+    epsilon: float = option(0.2, "lower clip range of the ratio", "loss")
+    epsilon_high: float | None = option(None, "upper clip range (None: epsilon)", "loss")
+    delta: float | None = option(None, "two-sided clipping: cap on the ratio (None: off)", "loss")
+    loss_type: LossType = option(
+        "dapo",
+        "clipped surrogate normalized per sequence (grpo), per token (bnpo, dapo), by B x max_completion_length "
+        "(dr_grpo) or per sequence sum (luspo); cispo (clipped IS weight x log-prob), sapo (sigmoid-gated), vespo "
+        "(gamma-weighted sequences)",
+        "loss",
+    )
+    importance_sampling_level: ImportanceSamplingLevel = option("token", "token or sequence (GSPO)", "loss")
+    sapo_temperature_pos: float = option(1.0, "sapo: gate temperature for tokens with positive advantage", "loss")
+    sapo_temperature_neg: float = option(1.05, "sapo: gate temperature for the others", "loss")
+    vespo_k_pos: float = option(2.0, "vespo: power k of the gamma weight for advantages >= 0", "loss")
+    vespo_lambda_pos: float = option(3.0, "vespo: decay lambda of the gamma weight for advantages >= 0", "loss")
+    vespo_k_neg: float = option(3.0, "vespo: power k for negative advantages", "loss")
+    vespo_lambda_neg: float = option(2.0, "vespo: decay lambda for negative advantages", "loss")
+    off_policy_mask_threshold: float | None = option(
+        None, "drop negative-advantage sequences whose mean KL from the sampler exceeds this (None: off)", "loss"
+    )
+    use_bias_correction_kl: bool = option(
+        True, "weight the KL term by the importance ratio (DeepSeek-V3.2's unbiased KL gradient)", "loss"
+    )
+    top_entropy_quantile: float = option(
+        1.0, "loss on this top fraction of tokens by entropy, over the whole batch (1.0: all tokens)", "loss"
+    )
+    entropy_coef: float = option(0.0, "entropy bonus coefficient (the initial one when adaptive)", "loss")
+    use_adaptive_entropy: bool = option(
+        False, "adapt entropy_coef each update: up by entropy_coef_delta below entropy_target, down above", "loss"
+    )
+    entropy_coef_min: float = option(0.0, "adaptive entropy: lower bound of entropy_coef", "loss")
+    entropy_coef_max: float = option(1.0, "adaptive entropy: upper bound of entropy_coef", "loss")
+    entropy_coef_delta: float = option(0.005, "adaptive entropy: step of entropy_coef per update", "loss")
+    entropy_target: float = option(
+        0.2, "adaptive entropy: the bonus applies while the mean entropy (nats) is at or below this", "loss"
+    )
     # logging, evaluation, checkpoints
-    logging_steps: int = _f(1, "write metrics.jsonl every N steps", "logging")
-    log_samples: int = _f(4, "completions written to samples.jsonl per logged step", "logging")
-    eval_steps: int = _f(0, "greedy val evaluation every N steps (0: only before and after)", "logging")
-    eval_items: int = _f(0, "val items per evaluation (0: the whole split)", "logging")
-    eval_batch_size: int = _f(64, "val items per generate call", "logging")
-    save_steps: int = _f(50, "checkpoint every N steps (and at the end)", "logging")
-    save_total_limit: int = _f(2, "checkpoints kept (oldest deleted first)", "logging")
-    report_to: str = _f("none", "also log to: none, tensorboard or wandb", "logging")
+    logging_steps: int = option(1, "write metrics.jsonl every N steps", "logging")
+    log_samples: int = option(4, "completions written to samples.jsonl per logged step", "logging")
+    eval_steps: int = option(0, "greedy val evaluation every N steps (0: only before and after)", "logging")
+    eval_items: int = option(0, "val items per evaluation (0: the whole split)", "logging")
+    eval_batch_size: int = option(64, "val items per generate call", "logging")
+    save_steps: int = option(50, "checkpoint every N steps (and at the end)", "logging")
+    save_total_limit: int = option(2, "checkpoints kept (oldest deleted first)", "logging")
+    report_to: ReportTo = option("none", "also log to: none, tensorboard or wandb", "logging")
     # distributed
-    fsdp: bool = _f(
+    fsdp: bool = option(
         False, "shard parameters, gradients and optimizer state over torchrun processes with FSDP2", "distributed"
     )
-    # the LLM judge's settings, flattened as judge_<field> (see grpo_fast.rewards.llm_judge.LLMJudgeConfig)
-    judge_config: LLMJudgeConfig = field(default_factory=LLMJudgeConfig, metadata={"section": "judge"})
+    # the LLM judge's settings, flattened as judge_<field> (see grpo_fast.judge_config.LLMJudgeConfig)
+    judge_config: LLMJudgeConfig = field(
+        default_factory=LLMJudgeConfig, metadata={"section": "judge", "prefix": JUDGE_PREFIX}
+    )
 
     @property
     def run_dir(self) -> Path:
@@ -140,7 +213,8 @@ class GRPOConfig:
             )
         if self.batch_size < 1 or self.batch_size % self.num_generations:
             raise ConfigError(
-                f"batch_size ({self.batch_size}) must be a positive multiple of num_generations ({self.num_generations})"
+                f"batch_size ({self.batch_size}) must be a positive multiple of num_generations "
+                f"({self.num_generations})"
             )
         for name in (
             "max_steps",
@@ -151,7 +225,7 @@ class GRPOConfig:
             "save_steps",
             "save_total_limit",
             "eval_batch_size",
-            "n",
+            "synthetic_items",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -161,6 +235,14 @@ class GRPOConfig:
         for name in (
             "beta",
             "epsilon",
+            "entropy_coef",
+            "entropy_coef_min",
+            "entropy_coef_max",
+            "entropy_coef_delta",
+            "vespo_k_pos",
+            "vespo_lambda_pos",
+            "vespo_k_neg",
+            "vespo_lambda_neg",
             "weight_decay",
             "max_grad_norm",
             "warmup_steps",
@@ -175,22 +257,24 @@ class GRPOConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 < self.top_entropy_quantile <= 1:
+            raise ConfigError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.off_policy_mask_threshold is not None and self.off_policy_mask_threshold < 0:
+            raise ConfigError(f"off_policy_mask_threshold must be >= 0 or None, got {self.off_policy_mask_threshold}")
+        if self.entropy_coef_min > self.entropy_coef_max:
+            raise ConfigError(f"entropy_coef_min ({self.entropy_coef_min}) must be <= entropy_coef_max "
+                              f"({self.entropy_coef_max})")
         for name in ("max_prompt_length", "sft_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if self.sft_vision_steps is not None and self.sft_vision_steps < 0:
             raise ConfigError(f"sft_vision_steps must be >= 0 or None, got {self.sft_vision_steps}")
-        choices = {
-            "lr_scheduler_type": ("linear", "cosine", "constant"),
-            "loss_type": ("grpo", "bnpo", "dapo", "dr_grpo"),
-            "importance_sampling_level": ("token", "sequence"),
-            "scale_rewards": ("group", "batch", "none"),
-            "judge": ("rule", "llm"),
-            "report_to": ("none", "tensorboard", "wandb"),
-            "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        hints = typing.get_type_hints(GRPOConfig)
+        for name, kind in hints.items():
+            if typing.get_origin(kind) is Literal and getattr(self, name) not in (allowed := choices(kind)):
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.name in ("", ".", "..") or "/" in self.name:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
@@ -219,7 +303,7 @@ class GRPOConfig:
     def to_dict(self) -> dict[str, Any]:
         """Flat dict (judge_config as judge_<field>), the form config.yaml and the CLI use."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "judge_config"}
-        out |= {f"judge_{k}": v for k, v in dataclasses.asdict(self.judge_config).items()}
+        out |= {JUDGE_PREFIX + k: v for k, v in dataclasses.asdict(self.judge_config).items()}
         return out
 
 
@@ -245,11 +329,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr_scheduler_type": "cosine",
         "warmup_steps": 5,
         "beta": 0.04,
+        "use_bias_correction_kl": False,  # tuned with the plain k3 KL gradient, before TRL's default became True
         "save_steps": 50,
         "eval_steps": 50,
         "eval_items": 0,
     },
-    # DESIGN.md "Reference settings": a 2B VLM from an SFT checkpoint, LoRA r=8, 5e-6 cosine, G=2, batch 4 per
+    # docs/design.md "Reference settings": a 2B VLM from an SFT checkpoint, LoRA r=8, 5e-6 cosine, G=2, batch 4 per
     # device, accumulation 2, prompt 250 / completion 200 tokens, beta 0.01, bf16, 3 epochs (~ steps given
     # by the data: set --max-steps to epochs x train items / (batch x accumulation / G x devices)).
     "reference": {
@@ -266,6 +351,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_prompt_length": 250,
         "max_completion_length": 200,
         "beta": 0.01,
+        "use_bias_correction_kl": False,  # the plain k3 KL of the settings above
         "bf16": True,
         "gradient_checkpointing": True,
         "max_steps": 1000,
@@ -276,29 +362,40 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-JUDGE_FIELDS = {f"judge_{f.name}": f for f in dataclasses.fields(LLMJudgeConfig)}
+
+@dataclass(frozen=True)
+class Setting:
+    """One settable key of a settings dataclass: its real type, default, help and help section."""
+
+    key: str  # the flat name: a field's, or <prefix><field> inside a nested settings dataclass
+    kind: Any  # the resolved annotation (typing.get_type_hints): bool, int, float, str, a Literal, X | None
+    default: Any
+    help: str
+    section: str
 
 
-def fields_by_name() -> dict[str, dataclasses.Field]:
-    """Every settable key (judge settings flattened as judge_<field>) -> its dataclass field."""
-    out = {f.name: f for f in dataclasses.fields(GRPOConfig) if f.name != "judge_config"}
-    return out | JUDGE_FIELDS
+def settings(schema: type, prefix: str = "", section: str = "") -> dict[str, Setting]:
+    """Every settable key of the dataclass `schema` -> its Setting, in field order. A field whose type is itself a
+    dataclass is flattened: its fields become `<its "prefix" metadata><name>` in its section."""
+    hints = typing.get_type_hints(schema)
+    out: dict[str, Setting] = {}
+    for f in dataclasses.fields(schema):
+        where = f.metadata.get("section", section)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= settings(hints[f.name], prefix + f.metadata["prefix"], where)
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        key = prefix + f.name
+        out[key] = Setting(key, hints[f.name], default, f.metadata.get("help", ""), where)
+    return out
 
 
-def _annotation(f: dataclasses.Field) -> Any:
-    hints = typing.get_type_hints(LLMJudgeConfig if f in JUDGE_FIELDS.values() else GRPOConfig)
-    return hints[f.name]
-
-
-def coerce(key: str, value: Any) -> Any:
-    """`value` (a YAML value or a CLI string) converted to the type of field `key`; ConfigError when impossible."""
-    fields = fields_by_name()
-    if key not in fields:
-        raise ConfigError(f"unknown config key {key!r} (see --help for the list)")
-    kind = _annotation(fields[key])
+def convert(kind: Any, value: Any, key: str) -> Any:
+    """`value` (a YAML value or a command-line string) as type `kind` (bool, int, float, str, a Literal's str, each
+    optionally `| None`, which reads "none", "null" or ""); ConfigError naming `key` when impossible."""
     optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
     base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
-    if typing.get_origin(base) is typing.Literal:
+    if typing.get_origin(base) is Literal:
         base = str
     if isinstance(value, str) and optional and value.lower() in ("none", "null", ""):
         return None
@@ -320,6 +417,15 @@ def coerce(key: str, value: Any) -> Any:
         return base(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{key} must be {base.__name__}, got {value!r}") from None
+
+
+def coerce(key: str, value: Any) -> Any:
+    """`value` converted to the type of GRPOConfig key `key` (judge settings as judge_<field>); ConfigError when
+    impossible or the key is unknown."""
+    known = settings(GRPOConfig)
+    if key not in known:
+        raise ConfigError(f"unknown config key {key!r} (see --help for the list)")
+    return convert(known[key].kind, value, key)
 
 
 def build_config(overrides: dict[str, Any], config_file: str | Path | None = None) -> GRPOConfig:
@@ -346,7 +452,7 @@ def build_config(overrides: dict[str, Any], config_file: str | Path | None = Non
     for layer in layers:
         values |= {key: coerce(key, value) for key, value in layer.items()}
     values["preset"] = preset
-    judge = {k.removeprefix("judge_"): values.pop(k) for k in list(values) if k in JUDGE_FIELDS}
+    judge = {k.removeprefix(JUDGE_PREFIX): values.pop(k) for k in list(values) if k.startswith(JUDGE_PREFIX)}
     try:
         cfg = GRPOConfig(**values, judge_config=LLMJudgeConfig(**judge))
     except ValueError as e:  # LLMJudgeConfig's own checks

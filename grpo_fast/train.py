@@ -3,7 +3,7 @@
 With no arguments it runs the embedded default: synthetic data (generated if absent), an SFT warm start of the
 tiny InternVL, GRPO with the rule judge, and a before/after table on the val split; everything lands in
 runs/grpo-tiny/. Every config field is a flag (`--learning-rate 1e-5` or `--learning_rate 1e-5`); `--config
-run.yaml` sets many at once (flags win); `--preset reference` selects DESIGN.md's settings for real models.
+run.yaml` sets many at once (flags win); `--preset reference` selects docs/design.md's settings for real models.
 
     python -m grpo_fast.train
     python -m grpo_fast.train --name lr3e-4 --learning-rate 3e-4 --max-steps 200
@@ -13,57 +13,31 @@ run.yaml` sets many at once (flags win); `--preset reference` selects DESIGN.md'
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import yaml
 
-from grpo_fast import trainer_dist
-from grpo_fast.config import PRESETS, ConfigError, GRPOConfig, build_config, fields_by_name
+from grpo_fast import distributed
+from grpo_fast.cli import ArgumentParser, build_parser
+from grpo_fast.config import PRESETS, ConfigError, GRPOConfig, build_config
 from grpo_fast.data.seed import SeedFormatError
 from grpo_fast.rewards.llm_judge import JudgeRequestError, JudgeUnavailableError
 from grpo_fast.trainer import run
-from grpo_fast.trainer_io import prepare_run_dir
-from grpo_fast.trainer_setup import build_judge, build_policy, load_data, warm_start
-
-SECTIONS = ("run", "data", "model", "generation", "reward", "optimization", "loss", "logging", "distributed", "judge")
+from grpo_fast.trainer.run_dir import prepare_run_dir
+from grpo_fast.trainer.setup import build_judge, build_policy, load_data, warm_start
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line and exit code 2, without argparse's usage block."""
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _parser() -> _Parser:
-    parser = _Parser(
+def _parser() -> ArgumentParser:
+    parser = build_parser(
+        GRPOConfig,
         prog="python -m grpo_fast.train",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS,  # only what the user typed overrides the preset and the config file
+        presets={"tiny": PRESETS["tiny"]},
     )
     parser.add_argument("--config", help="YAML file of key: value settings (under the flags)")
-    groups = {s: parser.add_argument_group(s) for s in SECTIONS}
-    defaults = GRPOConfig().to_dict()
-    tiny = PRESETS["tiny"]
-    for key, f in fields_by_name().items():
-        section = "judge" if key.startswith("judge_") and key != "judge" else f.metadata.get("section", "run")
-        help_text = f.metadata.get("help") or _judge_help(key)
-        help_text += f" [default: {defaults[key]}" + (f"; tiny preset: {tiny[key]}]" if key in tiny else "]")
-        flags = [f"--{key.replace('_', '-')}"] + ([f"--{key}"] if "_" in key else [])
-        kind = "bool" if f.type in ("bool", bool) else None
-        if kind == "bool":  # `--resume` alone means true; `--warm-start false` too
-            groups[section].add_argument(*flags, dest=key, nargs="?", const="true", metavar="BOOL", help=help_text)
-        else:
-            groups[section].add_argument(*flags, dest=key, metavar=key.split("_")[-1].upper(), help=help_text)
     return parser
-
-
-def _judge_help(key: str) -> str:
-    return f"LLM judge: {key.removeprefix('judge_').replace('_', ' ')} (grpo_fast.rewards.LLMJudgeConfig)"
 
 
 def parse_args(argv: list[str] | None = None) -> GRPOConfig:
@@ -84,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     env = None
     try:
         cfg = parse_args(argv)
-        env = trainer_dist.init()
+        env = distributed.init()
         if cfg.fsdp and env.world == 1:
             raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
         if cfg.torch_threads:
@@ -92,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         if env.is_main:
             prepare_run_dir(cfg)
             print("config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())
-        trainer_dist.barrier(env)
+        distributed.barrier(env)
         train_items, val_items = load_data(cfg, env)
         policy, ref_model = build_policy(cfg, warm_start(cfg, env), env)
         judge = build_judge(cfg)
@@ -104,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:
-        trainer_dist.shutdown()
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

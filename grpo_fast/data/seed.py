@@ -1,4 +1,4 @@
-"""Loader for the seed format (DESIGN.md, "Data"): one JSON object per line with image, level, question, answer.
+"""Loader for the seed format (docs/design.md, "Data"): one JSON object per line with image, level, question, answer.
 
 Every problem is reported as `file:line: what is wrong`. With `skip_bad_lines` bad lines are dropped and
 counted in one warning instead. Extra fields (e.g. the synthetic data's `scene` and `target`) are kept.

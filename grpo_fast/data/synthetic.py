@@ -65,7 +65,7 @@ def item_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"{seed}/{split}/{index}")
 
 
-def generate(out: Path | str, n: int, seed: int, val_fraction: float = 0.1) -> dict[str, Path]:
+def write_dataset(out: Path | str, n: int, seed: int, val_fraction: float = 0.1) -> dict[str, Path]:
     """Writes `out/{train,val}.jsonl` and `out/images/*.png`; returns the jsonl path of each split."""
     if n < 2:
         raise ValueError(f"n must be at least 2 (one item per split), got {n}")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of items in the val split")
     args = parser.parse_args(argv)
     try:
-        paths = generate(args.out, args.n, args.seed, args.val_fraction)
+        paths = write_dataset(args.out, args.n, args.seed, args.val_fraction)
     except ValueError as e:
         parser.error(str(e))
     print(" ".join(f"{split}: {path}" for split, path in paths.items()))

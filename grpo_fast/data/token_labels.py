@@ -4,7 +4,7 @@ InternVL turns each tile into a square of `side x side` image tokens (row-major;
 tiler resizes the image to the (cols, rows) grid and cuts it row-major, then appends the whole image resized to
 one tile (the thumbnail). A token's label is the object whose bounding square holds the token's centre, mapped
 back to the scene's pixels, or background. These labels pretrain the tiny model's vision tower
-(`grpo_fast.sft_vision`).
+(`grpo_fast.sft.vision`).
 """
 
 from __future__ import annotations

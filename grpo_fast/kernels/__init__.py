@@ -7,7 +7,7 @@ Dispatch (see `backend`): CUDA tensors -> Triton, CPU tensors -> chunked PyTorch
 from grpo_fast.kernels.advantages import group_advantages
 from grpo_fast.kernels.backend import resolve_backend, use_backend
 from grpo_fast.kernels.fused_linear import default_chunk_rows, fused_linear_grpo_loss, fused_linear_logprobs
-from grpo_fast.kernels.grpo_loss import grpo_loss
+from grpo_fast.kernels.grpo_loss import grpo_loss, high_entropy_mask
 from grpo_fast.kernels.selective_logprobs import selective_logprobs
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "fused_linear_logprobs",
     "group_advantages",
     "grpo_loss",
+    "high_entropy_mask",
     "resolve_backend",
     "selective_logprobs",
     "use_backend",

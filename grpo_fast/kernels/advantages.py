@@ -7,50 +7,20 @@ GRPO (DeepSeekMath, arXiv:2402.03300, eq. 3) with TRL's `scale_rewards`: "group"
 NaN rewards (unscorable completions) are left out of every statistic and get advantage 0. Where this differs
 from TRL: a group with a single valid reward has std 0 here (its member's advantage is 0), not NaN.
 Advantages are constants for the policy gradient; no autograd graph is built.
+
+The triton and torch backends share one fp32 algorithm (the kernel is in `advantages_triton`): statistics of the
+rewards shifted by the group's largest valid reward, which gives exact zeros for an all-equal group and no
+cancellation when rewards sit far from 0. The reference computes the plain formula in fp64.
 """
 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
+from grpo_fast.config import MultiObjectiveAggregation, ScaleRewards
 from grpo_fast.kernels import reference
 from grpo_fast.kernels.backend import resolve_backend
 from grpo_fast.kernels.checks import check_rewards
-
-_SCALES = {"none": 0, "group": 1, "batch": 2}
-
-
-@triton.jit
-def _group_advantages_kernel(
-    rewards_ptr,
-    advantages_ptr,
-    batch_std_ptr,
-    group_size,
-    eps,
-    SCALE: tl.constexpr,  # 0 none, 1 group, 2 batch
-    BLOCK_SIZE: tl.constexpr,
-):
-    group = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_SIZE)
-    in_group = offs < group_size
-    r = tl.load(rewards_ptr + group * group_size + offs, mask=in_group, other=float("nan"))
-    valid = r == r  # noqa: PLR0124 -- false only for NaN
-    count = tl.sum(valid.to(tl.float32), axis=0)
-    # statistics of r - shift, shift = the group's largest valid reward: exact zeros for an all-equal group,
-    # and no cancellation when rewards sit far from 0 (shifted-data variance)
-    shift = tl.max(tl.where(valid, r, -float("inf")), axis=0)
-    shifted = tl.where(valid, r - shift, 0.0)
-    centered = tl.where(valid, shifted - tl.sum(shifted, axis=0) / tl.maximum(count, 1.0), 0.0)
-    adv = centered
-    if SCALE == 1:
-        var = tl.sum(centered * centered, axis=0) / tl.maximum(count - 1.0, 1.0)
-        std = tl.where(count > 1.0, tl.sqrt(var), 0.0)
-        adv = centered / (std + eps)
-    if SCALE == 2:
-        adv = centered / (tl.load(batch_std_ptr) + eps)
-    tl.store(advantages_ptr + group * group_size + offs, adv, mask=in_group)
 
 
 def _batch_std(rewards: torch.Tensor) -> torch.Tensor:
@@ -62,32 +32,62 @@ def _batch_std(rewards: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 1, var.sqrt(), 0.0).float().reshape(1)
 
 
-def _group_advantages_triton(rewards: torch.Tensor, group_size: int, scale: str, eps: float) -> torch.Tensor:
-    advantages = torch.empty_like(rewards)
-    batch_std = _batch_std(rewards) if scale == "batch" else rewards  # a placeholder pointer when unused
-    # one program per group; a group (G completions, G <= a few hundred) fits one block
-    _group_advantages_kernel[(rewards.numel() // group_size,)](
-        rewards, advantages, batch_std, group_size, eps,
-        SCALE=_SCALES[scale], BLOCK_SIZE=triton.next_power_of_2(group_size), num_warps=1,
-    )
-    return advantages
+def _group_advantages_torch(
+    rewards: torch.Tensor, group_size: int, scale: ScaleRewards, eps: float, batch_std: torch.Tensor | None
+) -> torch.Tensor:
+    """The kernel's algorithm in torch ops, all groups at once: fp32 `rewards [B]` -> fp32 `[B]`."""
+    groups = rewards.view(-1, group_size)
+    valid = ~torch.isnan(groups)
+    count = valid.sum(1, keepdim=True).float()
+    shift = torch.where(valid, groups, -float("inf")).amax(1, keepdim=True)
+    shifted = torch.where(valid, groups - shift, 0.0)
+    centered = torch.where(valid, shifted - shifted.sum(1, keepdim=True) / count.clamp(min=1.0), 0.0)
+    if scale == "group":
+        var = centered.square().sum(1, keepdim=True) / (count - 1.0).clamp(min=1.0)
+        centered = centered / (torch.where(count > 1.0, var.sqrt(), 0.0) + eps)
+    elif scale == "batch":
+        centered = centered / (batch_std + eps)
+    return centered.view(-1)
+
+
+def _normalize(backend: str, rewards: torch.Tensor, group_size: int, scale: ScaleRewards, eps: float) -> torch.Tensor:
+    """fp32 `rewards [B]` -> fp32 advantages `[B]` on `backend` ("triton" or "torch")."""
+    batch_std = _batch_std(rewards) if scale == "batch" else None
+    if backend == "triton":
+        from grpo_fast.kernels import advantages_triton  # imports triton: on first use only
+
+        return advantages_triton.group_advantages(rewards, group_size, scale, eps, batch_std)
+    return _group_advantages_torch(rewards, group_size, scale, eps, batch_std)
 
 
 @torch.no_grad()
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
-    scale: str = "group",
-    eps: float = 1e-4,
     *,
+    scale: ScaleRewards = "group",
+    eps: float = 1e-4,
     weights: torch.Tensor | None = None,
+    multi_objective_aggregation: MultiObjectiveAggregation = "sum_then_normalize",
 ) -> torch.Tensor:
     """Advantages fp32 `[B]` from `rewards [B]` (B = prompts x group_size, a group's members contiguous), or from
-    `rewards [B, K]` (K reward functions) summed with `weights [K]` first (NaN entries skipped; all-NaN rows are
-    unscorable). `scale`: "group" | "batch" | "none". NaN rewards get advantage 0.
+    `rewards [B, K]` (K reward functions) with `weights [K]` (NaN entries skipped; all-NaN rows are unscorable).
+    `scale`: "group" | "batch" | "none". NaN rewards get advantage 0. Runs on the rewards' device.
+    `multi_objective_aggregation` (TRL's): "sum_then_normalize" sums the weighted rewards, then normalizes them as
+    `scale` says; "normalize_then_sum" (GDPO, arXiv:2601.05242) normalizes each function's rewards within their
+    groups, then the weighted sum over the whole batch (`scale` unused, as in TRL).
     """
-    if resolve_backend(rewards.device) != "triton":
-        # `[B]` rewards leave nothing to chunk: the torch backend is the plain formula itself
-        return reference.group_advantages(rewards, group_size, scale, eps, weights=weights)
-    rewards = check_rewards(rewards, group_size, scale, weights)
-    return _group_advantages_triton(rewards, group_size, scale, eps)
+    backend = resolve_backend(rewards.device)
+    if backend == "reference":
+        return reference.group_advantages(rewards, group_size, scale=scale, eps=eps, weights=weights,
+                                          multi_objective_aggregation=multi_objective_aggregation)
+    rewards, weights = check_rewards(rewards, group_size, scale, weights, multi_objective_aggregation)
+    if multi_objective_aggregation == "sum_then_normalize":
+        return _normalize(backend, reference.weighted_reward_sum(rewards, weights), group_size, scale, eps)
+    b, k = rewards.shape
+    if b == 0:
+        return rewards.new_zeros(0)
+    # each function's groups in one call: the [K, B] transpose holds K * B / G groups of G contiguous rewards
+    per_function = _normalize(backend, rewards.t().contiguous().view(-1), group_size, "group", eps).view(k, b).t()
+    total = torch.where(torch.isnan(rewards).all(dim=1), float("nan"), (per_function * weights).sum(dim=1))
+    return _normalize(backend, total.contiguous(), b, "group", eps)  # the batch as one group

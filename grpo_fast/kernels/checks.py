@@ -6,11 +6,12 @@ which is checked with one reduction because an out-of-range index would read out
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import torch
 
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
-IS_LEVELS = ("token", "sequence")
-SCALES = ("group", "batch", "none")
+from grpo_fast.config import ImportanceSamplingLevel, LossType, MultiObjectiveAggregation, ScaleRewards, choices
 
 
 def require_float(name: str, t: torch.Tensor) -> None:
@@ -60,32 +61,67 @@ def check_fused_linear_args(
 
 
 def check_rewards(
-    rewards: torch.Tensor, group_size: int, scale: str, weights: torch.Tensor | None
-) -> torch.Tensor:
-    """Validate and reduce rewards to fp32 `[B]`: `[B, K]` rows are weighted and summed (NaN entries skipped;
-    a row with every entry NaN stays NaN, i.e. unscorable)."""
+    rewards: torch.Tensor,
+    group_size: int,
+    scale: ScaleRewards,
+    weights: torch.Tensor | None,
+    multi_objective_aggregation: MultiObjectiveAggregation,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate; return fp32 `rewards [B, K]` (a `[B]` input is K = 1) and fp32 `weights [K]` (ones by default)."""
     require_float("rewards", rewards)
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale not in choices(ScaleRewards):
+        raise ValueError(f"scale must be one of {choices(ScaleRewards)}, got {scale!r}")
+    if multi_objective_aggregation not in choices(MultiObjectiveAggregation):
+        raise ValueError(f"multi_objective_aggregation must be one of {choices(MultiObjectiveAggregation)}, "
+                         f"got {multi_objective_aggregation!r}")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if rewards.dim() == 2:
-        k = rewards.shape[1]
-        if weights is None:
-            weights = torch.ones(k, device=rewards.device)
-        if weights.shape != (k,):
-            raise ValueError(f"weights must have shape [K] = ({k},) for rewards [B, K], got {tuple(weights.shape)}")
-        r = rewards.float()
-        all_nan = torch.isnan(r).all(dim=1)
-        rewards = torch.where(all_nan, float("nan"), torch.nansum(r * weights.float(), dim=1))
-    elif rewards.dim() != 1:
+    if rewards.dim() == 1:
+        if weights is not None:
+            raise ValueError("weights are for [B, K] rewards (K reward functions); rewards here are [B]")
+        rewards = rewards.unsqueeze(1)
+    elif rewards.dim() != 2:
         raise ValueError(f"rewards must be [B] or [B, K], got shape {tuple(rewards.shape)}")
-    elif weights is not None:
-        raise ValueError("weights are for [B, K] rewards (K reward functions); rewards here are [B]")
+    k = rewards.shape[1]
+    if weights is None:
+        weights = torch.ones(k, device=rewards.device)
+    if weights.shape != (k,):
+        raise ValueError(f"weights must have shape [K] = ({k},) for rewards [B, K], got {tuple(weights.shape)}")
     if rewards.shape[0] % group_size:
         raise ValueError(f"group_size ({group_size}) must divide the number of rewards B ({rewards.shape[0]}): "
                          f"a group's {group_size} completions must be contiguous")
-    return rewards.float().contiguous()
+    return rewards.float().contiguous(), weights.float().to(rewards.device)
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The GRPO loss's scalar options under TRL's `GRPOConfig` names (their defaults sit in `grpo_loss`'s signature).
+    `epsilon_high=None` means `epsilon_low`, as in TRL."""
+
+    beta: float
+    epsilon_low: float
+    epsilon_high: float | None
+    delta: float | None
+    loss_type: LossType
+    importance_sampling_level: ImportanceSamplingLevel
+    max_completion_length: int | None
+    use_bias_correction_kl: bool
+    sapo_temperature_pos: float
+    sapo_temperature_neg: float
+    vespo_k_pos: float
+    vespo_lambda_pos: float
+    vespo_k_neg: float
+    vespo_lambda_neg: float
+    off_policy_mask_threshold: float | None
+    entropy_coef: float
+
+    @property
+    def clip_high(self) -> float:
+        """The upper clip width: TRL's default `epsilon_high = epsilon_low` when not given."""
+        return resolve_epsilon_high(self.epsilon_low, self.epsilon_high)
+
+    def kwargs(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def check_grpo_args(
@@ -94,45 +130,42 @@ def check_grpo_args(
     ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    beta: float,
-    loss_type: str,
-    importance_sampling_level: str,
+    options: LossOptions,
+    *,
+    entropy: torch.Tensor | None = None,
+    entropy_mask: torch.Tensor | None = None,
+    needs_entropy: bool = False,
 ) -> None:
-    """`old_logp/ref_logp/mask [B, T]` = `shape` (the log-probs'), `advantages [B]`; known loss_type and IS level;
-    `ref_logp` given if beta != 0."""
+    """`old_logp/ref_logp/mask/entropy/entropy_mask [B, T]` = `shape` (the log-probs'), `advantages [B]`; known
+    loss_type and IS level; `ref_logp` given if beta != 0; dr_grpo's length (`max_completion_length`, default T)
+    >= 1; SAPO's temperatures > 0; `entropy` given if `needs_entropy` (the log-prob-level loss with entropy_coef)."""
     if len(shape) != 2:
         raise ValueError(f"log-probs/targets must be [B, T], got shape {tuple(shape)}")
-    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask)):
+    for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp), ("mask", mask), ("entropy", entropy),
+                    ("entropy_mask", entropy_mask)):
         if t is not None and t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)} like the log-probs")
     if advantages.shape != (shape[0],):
         raise ValueError(f"advantages must be [B] = ({shape[0]},), got {tuple(advantages.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if importance_sampling_level not in IS_LEVELS:
-        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {importance_sampling_level!r}")
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError(f"ref_logp is required when beta != 0 (beta={beta})")
-
-
-def grpo_defaults(epsilon_low: float, epsilon_high: float | None) -> float:
-    """TRL's default: `epsilon_high = epsilon_low` when not given."""
-    return epsilon_low if epsilon_high is None else epsilon_high
-
-
-def loss_normalizer(mask: torch.Tensor, loss_type: str, max_completion_length: int | None) -> torch.Tensor:
-    """What the masked per-token loss sum is divided by, as a tensor that broadcasts against `mask [B, T]`.
-
-    grpo: B * (valid tokens of the sequence), i.e. mean per sequence then over sequences;
-    bnpo/dapo: the valid tokens of the batch; dr_grpo: B * max_completion_length (default: T).
-    """
-    mask = mask.float()
-    b, t = mask.shape
-    if loss_type == "grpo":
-        return mask.sum(-1, keepdim=True).clamp(min=1.0) * b
-    if loss_type == "dr_grpo":
-        length = t if max_completion_length is None else max_completion_length
+    if options.loss_type not in choices(LossType):
+        raise ValueError(f"loss_type must be one of {choices(LossType)}, got {options.loss_type!r}")
+    if options.importance_sampling_level not in choices(ImportanceSamplingLevel):
+        raise ValueError(f"importance_sampling_level must be one of {choices(ImportanceSamplingLevel)}, "
+                         f"got {options.importance_sampling_level!r}")
+    if options.beta != 0.0 and ref_logp is None:
+        raise ValueError(f"ref_logp is required when beta != 0 (beta={options.beta})")
+    if options.loss_type == "dr_grpo":
+        length = shape[1] if options.max_completion_length is None else options.max_completion_length
         if length < 1:
-            raise ValueError(f"max_completion_length must be >= 1, got {length}")
-        return torch.tensor(float(b * length), device=mask.device)
-    return mask.sum().clamp(min=1.0)
+            raise ValueError(f"max_completion_length must be >= 1 for dr_grpo, got {length}")
+    if options.loss_type == "sapo":
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(options, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(options, name)}")
+    if needs_entropy and entropy is None:
+        raise ValueError(f"entropy [B, T] is required when entropy_coef != 0 (entropy_coef={options.entropy_coef})")
+
+
+def resolve_epsilon_high(epsilon_low: float, epsilon_high: float | None) -> float:
+    """The upper clip width: TRL's default `epsilon_high = epsilon_low` when not given."""
+    return epsilon_low if epsilon_high is None else epsilon_high

@@ -106,11 +106,16 @@ def row_stats(
 
 @_single_threaded
 def logprobs_and_grad_(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, dlogp_fn: DlogpFn
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    dlogp_fn: DlogpFn,
+    grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of `logits [R, V]`, and `d loss / d logits` written over the logits, in one pass:
     per block, the statistics, then `g = dlogp_fn(...)` (the loss gradient needs the log-probs), then
-    `d z = g (onehot - p) / T` from the block's `exp` still in cache. Returns fp32 `logp [R]`, `entropy [R]`."""
+    `d z = g (onehot - p) / T` from the block's `exp` still in cache, plus `- g_H p (log p + H) / T` when
+    `grad_entropy` (`g_H [R]`, fp32) is given. Returns fp32 `logp [R]`, `entropy [R]`."""
     rows, n_cols = logits.shape
     inv_t = 1.0 / temperature
     logp = torch.empty(rows, device=logits.device, dtype=torch.float32)
@@ -130,11 +135,15 @@ def logprobs_and_grad_(
         g = dlogp_fn(start, end, logp[start:end], entropy[start:end]).float() * inv_t
         # d z = g / T (onehot - e / s); the one-hot term is added in fp32 before any downcast
         coef = (-g / s).unsqueeze(1)
-        if z.dtype == torch.float32:
-            torch.mul(e[:r], coef, out=z)
-            z.scatter_add_(1, targets[start:end].view(-1, 1).long(), g.unsqueeze(1))
-        else:
-            d = e[:r].mul_(coef).scatter_add_(1, targets[start:end].view(-1, 1).long(), g.unsqueeze(1))
+        if grad_entropy is not None:
+            # plus the entropy's share, - g_H p (log p + H) / T = e (log p + H) (-g_H / (s T)), log p = z / T - lse,
+            # in the free scratch zm before z is overwritten; a masked (-inf) logit has e = 0, and 0 * -1e30 = 0
+            coef = torch.mul(z_fp32, inv_t, out=zm[:r]).sub_(lse.unsqueeze(1)).add_(entropy[start:end, None])
+            coef.clamp_(min=-1e30).mul_((-grad_entropy[start:end] * inv_t / s).unsqueeze(1)).sub_((g / s).unsqueeze(1))
+        d = z if z.dtype == torch.float32 else e[:r]
+        torch.mul(e[:r], coef, out=d)
+        d.scatter_add_(1, targets[start:end].view(-1, 1).long(), g.unsqueeze(1))
+        if d is not z:
             z.copy_(d)
     return logp, entropy
 

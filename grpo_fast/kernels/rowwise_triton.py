@@ -2,7 +2,9 @@
 
 `row_stats` reads each row once: an online (streaming) logsumexp over V in `BLOCK_SIZE` blocks (Milakov &
 Gimelshein, "Online normalizer calculation for softmax", 2018), the target's logit, and optionally the entropy
-`H = lse - E_p[z]`, whose running sum `sum exp(z - m) * z` is rescaled with the max like the normalizer.
+`H = log s + E_p[m - z]` (m the row max, s = sum exp(z - m)): a sum of two non-negative terms, so nothing cancels,
+where `lse - E_p[z]` would lose the digits of lse. The running sum `t = sum exp(z - m) (z - m)` follows a new max
+m' as `t' = exp(m - m') (t + (m - m') s)`, the normalizer's rescaling plus the shift of every term.
 `row_grad` reads each row once more and writes `d logits`, possibly over the logits themselves (the fused
 lm_head path owns its chunk buffer): `d z_j = (g * (1[j = target] - p_j) - g_H * p_j * (log p_j + H)) / T`.
 """
@@ -13,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grpo_fast.kernels.backend import TRITON_INTERPRET
+from grpo_fast.kernels import interpreter
 
 
 @triton.jit
@@ -33,25 +35,31 @@ def _row_stats_kernel(
     logits_ptr += row * logits_stride
     m = tl.full([], -float("inf"), tl.float32)  # running max
     s = tl.full([], 0.0, tl.float32)  # running sum exp(z - m)
-    t = tl.full([], 0.0, tl.float32)  # running sum exp(z - m) * z, for the entropy
+    t = tl.full([], 0.0, tl.float32)  # running sum exp(z - m) * (z - m), for the entropy
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
         valid = cols < n_cols
         z = tl.load(logits_ptr + cols, mask=valid, other=-float("inf")).to(tl.float32) * inv_temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
-        rescale = tl.exp(m - m_new)
-        e = tl.exp(z - m_new)
-        s = s * rescale + tl.sum(e, axis=0)
+        # while every logit so far is -inf (a masked start of the vocabulary), shift by 0: exp(-inf - -inf)
+        # would be NaN, exp(-inf - 0) is the 0 it should be
+        m_shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_shift)
+        e = tl.exp(z - m_shift)
         if RETURN_ENTROPY:
-            t = t * rescale + tl.sum(e * tl.where(e > 0, z, 0.0), axis=0)  # a -inf logit adds 0, not NaN
+            # the guards keep -inf * 0 out: m is -inf while s = 0, and a -inf logit adds 0
+            t = rescale * (t + tl.where(s > 0, m - m_shift, 0.0) * s)
+            t += tl.sum(e * tl.where(e > 0, z - m_shift, 0.0), axis=0)
+        s = s * rescale + tl.sum(e, axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
+    lse = m + log_s
     target = tl.load(targets_ptr + row).to(tl.int64)
     target_logit = tl.load(logits_ptr + target).to(tl.float32) * inv_temperature
     tl.store(logp_ptr + row, target_logit - lse)
     tl.store(lse_ptr + row, lse)
     if RETURN_ENTROPY:
-        tl.store(entropy_ptr + row, lse - t / s)
+        tl.store(entropy_ptr + row, log_s - t / s)
 
 
 @triton.jit
@@ -91,15 +99,17 @@ def _row_grad_kernel(
         tl.store(dlogits_ptr + cols, (d * inv_temperature).to(dlogits_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int]:
-    """BLOCK_SIZE and num_warps for a row of `n_cols`.
+# The widest block. On a GPU, 4096 fp32 per block over 8 warps is 16 values per thread: enough loads in flight to
+# stream at bandwidth without spilling; 150k vocab is ~37 blocks per row. The interpreter runs each block as numpy
+# arrays, so there a wider block means fewer Python-level iterations; tests set `max_block = GPU_MAX_BLOCK` to run
+# the GPU's launch configuration under the interpreter.
+GPU_MAX_BLOCK = 4096
+max_block = 1 << 16 if interpreter.TRITON_INTERPRET else GPU_MAX_BLOCK
 
-    On a GPU, 4096 fp32 per block over 8 warps is 16 values per thread: enough loads in flight to stream at
-    bandwidth without spilling; 150k vocab is ~37 blocks per row. The interpreter runs each block as numpy
-    arrays, so there a larger block means fewer Python-level iterations.
-    """
-    cap = 1 << 16 if TRITON_INTERPRET else 4096
-    block = min(triton.next_power_of_2(n_cols), cap)
+
+def launch_config(n_cols: int) -> tuple[int, int]:
+    """BLOCK_SIZE and num_warps for a row of `n_cols`."""
+    block = min(triton.next_power_of_2(n_cols), max_block)
     return block, 8 if block >= 2048 else 4
 
 
@@ -113,7 +123,7 @@ def row_stats(
     entropy = torch.empty_like(logp) if return_entropy else None
     if rows == 0:
         return logp, lse, entropy
-    block, warps = _launch_config(n_cols)
+    block, warps = launch_config(n_cols)
     _row_stats_kernel[(rows,)](
         logits, logits.stride(0), targets, logp, lse, entropy if return_entropy else logp, n_cols,
         1.0 / temperature, BLOCK_SIZE=block, RETURN_ENTROPY=return_entropy, num_warps=warps,
@@ -135,7 +145,7 @@ def row_grad(
     rows, n_cols = logits.shape
     if rows == 0:
         return out
-    block, warps = _launch_config(n_cols)
+    block, warps = launch_config(n_cols)
     has_h = grad_entropy is not None
     _row_grad_kernel[(rows,)](
         logits, logits.stride(0), out, out.stride(0), targets, lse, grad_logp,
@@ -145,10 +155,18 @@ def row_grad(
     return out
 
 
-def logprobs_and_grad_(logits: torch.Tensor, targets: torch.Tensor, temperature: float, dlogp_fn):
+def logprobs_and_grad_(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    dlogp_fn,
+    grad_entropy: torch.Tensor | None = None,
+):
     """Log-probs and entropies of `logits [R, V]`, then `d loss / d logits` written over the logits, where
-    `dlogp_fn(0, R, logp, entropy)` gives `d loss / d logp [R]`: two streaming passes over each row."""
+    `dlogp_fn(0, R, logp, entropy)` gives `d loss / d logp [R]` and `grad_entropy [R]` (fp32, or None)
+    `d loss / d entropy`: two streaming passes over each row."""
     logp, lse, entropy = row_stats(logits, targets, temperature, return_entropy=True)
     grad_logp = dlogp_fn(0, logits.shape[0], logp, entropy).float().contiguous()
-    row_grad(logits, targets, lse, grad_logp, None, None, temperature, out=logits)
+    row_grad(logits, targets, lse, grad_logp, grad_entropy, None if grad_entropy is None else entropy, temperature,
+             out=logits)
     return logp, entropy

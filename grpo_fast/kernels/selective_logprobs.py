@@ -31,11 +31,11 @@ class _SelectiveLogprobs(torch.autograd.Function):
         return dlogits, None, None, None
 
 
-def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def selective_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     """Log-prob of each target. `logits [..., V]` (fp32/bf16), `targets [...]` int -> fp32 `[...]`, differentiable."""
     backend = resolve_backend(logits.device)
     if backend == "reference":
-        return reference.selective_logprobs(logits, targets, temperature)
+        return reference.selective_logprobs(logits, targets, temperature=temperature)
     check_logits(logits, targets, temperature)
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)

@@ -77,7 +77,7 @@ class Tiling:
 
 @dataclass
 class Policy:
-    """A VLM, its tokenizer and its image preprocessing: all `grpo_fast.data.collate` needs to build inputs.
+    """A VLM, its tokenizer and its image preprocessing: all `grpo_fast.models.inputs` needs to build inputs.
     InternVL has `tiling` (our tiler), Qwen-VL `image_processor` (HF's); exactly one is set."""
 
     model: PreTrainedModel

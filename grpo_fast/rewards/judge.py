@@ -1,4 +1,4 @@
-"""The rubric shared by every judge: a per-completion verdict and its reward (DESIGN.md, "Rewards").
+"""The rubric shared by every judge: a per-completion verdict and its reward (docs/design.md, "Rewards").
 
 A judge sees a batch of completions with their items and returns one `Judgment` per completion, or
 None when it cannot score one (an unparseable LLM reply, say). `rubric_reward` turns a judgment into

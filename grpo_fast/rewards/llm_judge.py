@@ -1,6 +1,6 @@
 """The rubric applied by an LLM over any OpenAI-compatible endpoint (OpenAI, vLLM, SGLang, Ollama, llama.cpp).
 
-Each completion costs two requests, as the rubric has two parts (DESIGN.md, "Rewards"): the strategy prompt
+Each completion costs two requests, as the rubric has two parts (docs/design.md, "Rewards"): the strategy prompt
 (data type, question, answer -> `<score>1-4</score>`; no image) and the factual prompt (question, answer and
 the image as a base64 data URL -> `<verdict>PASS|FAIL</verdict>`). A batch is judged concurrently with at most
 `max_in_flight` requests open while the caller waits once; identical requests in a batch are sent once.
@@ -41,6 +41,7 @@ from openai.types.chat import ChatCompletion
 from openai.types.responses import Response
 from PIL import Image
 
+from grpo_fast.judge_config import LLMJudgeConfig
 from grpo_fast.rewards.judge import Judgment
 from grpo_fast.rewards.judge_cache import JudgeCache, cache_key
 
@@ -57,35 +58,6 @@ FATAL_HINTS = {
     403: "the API key may not use this model",
     404: "no such model or route: check --judge-model, and that --judge-base-url ends in /v1",
 }
-
-
-@dataclass
-class LLMJudgeConfig:
-    """Where and how to ask the judge. The trainer exposes each field as `--judge-<field>` (kebab case)."""
-
-    model: str = ""  # the judge model's name as the endpoint knows it; required
-    base_url: str | None = None  # e.g. http://localhost:8000/v1; None: OpenAI (or $OPENAI_BASE_URL)
-    api_key_env: str = "OPENAI_API_KEY"  # variable holding the key (any value for servers that ignore it)
-    api: Literal["chat", "responses"] = "chat"  # Chat Completions, or the Responses API
-    max_in_flight: int = 32  # requests open at once
-    timeout_s: float = 60.0  # per request
-    max_retries: int = 5  # re-sends of one request after transient errors
-    backoff_base_s: float = 0.5  # first backoff; doubles per retry, with jitter
-    backoff_max_s: float = 30.0  # cap on one backoff, Retry-After included
-    temperature: float | None = 0.0  # None: not sent (for models that accept only their default)
-    strategy_prompt: str | None = None  # template file overriding prompts/strategy.txt
-    factual_prompt: str | None = None  # template file overriding prompts/factual.txt
-    cache_path: str | None = None  # SQLite file for verdicts; None: no cache
-
-    def __post_init__(self) -> None:
-        if self.api not in ("chat", "responses"):
-            raise ValueError(f"judge api must be 'chat' or 'responses', got {self.api!r}")
-        for name in ("max_in_flight", "timeout_s", "backoff_max_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"judge {name} must be positive, got {getattr(self, name)!r}")
-        for name in ("max_retries", "backoff_base_s"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"judge {name} must be >= 0, got {getattr(self, name)!r}")
 
 
 class JudgeRequestError(RuntimeError):

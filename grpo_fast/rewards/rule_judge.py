@@ -1,6 +1,6 @@
 """RuleJudge: the offline rubric judge, exact on the synthetic data (items carry `scene` and `target`).
 
-Strategy (DESIGN.md, "Rewards") from surface cues of the completion:
+Strategy (docs/design.md, "Rewards") from surface cues of the completion:
 - asks: a question with a clarification cue ("which", "do you mean", "clarify", "... or ...?").
 - lists: names two or more colours for the asked-about shape ("a red one and a blue one").
 - notes: says there are several ("ambiguous", "more than one", "two triangles", the plural of the shape).

@@ -11,6 +11,12 @@ from PIL import Image
 # torchvision's ImageNet statistics, as InternVL's `build_transform` uses them.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# Bounds that turn a mistyped argument into an error instead of a hang or an out-of-memory kill: the grid search
+# visits every (cols, rows) with cols * rows <= max_tiles, and one image's pixel_values takes n * 3 * tile_size**2 * 4
+# bytes (12 tiles + thumbnail of 448 px: 30 MiB).
+TILES_LIMIT = 1024
+TILE_SIZE_LIMIT = 16384  # one tile: 3 GiB of float32
+MAX_OUTPUT_BYTES = 1 << 32
 
 
 class TiledImage(NamedTuple):
@@ -24,25 +30,56 @@ class TiledImage(NamedTuple):
     grid: tuple[int, int]
 
 
-def check_grid_args(width: int, height: int, tile_size: int, min_tiles: int, max_tiles: int) -> None:
-    """Raise ValueError unless the image size and the tiling bounds are usable."""
-    for name, value in (
-        ("width", width),
-        ("height", height),
-        ("tile_size", tile_size),
-        ("min_tiles", min_tiles),
-        ("max_tiles", max_tiles),
-    ):
+def _as_ints(**values: object) -> list[int]:
+    """The values as Python ints (numpy integers converted); TypeError naming the first that is not an integer."""
+    ints = []
+    for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | np.integer):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if width < 1 or height < 1:
-        raise ValueError(f"image has zero size: {width}x{height} (width x height)")
-    if tile_size < 1:
-        raise ValueError(f"tile_size must be >= 1, got {tile_size}")
+        ints.append(int(value))
+    return ints
+
+
+def check_tile_args(tile_size: int, min_tiles: int, max_tiles: int, use_thumbnail: bool) -> tuple[int, int, int, bool]:
+    """The tiling arguments as Python ints and a bool; TypeError or ValueError naming the argument unless usable."""
+    tile_size, min_tiles, max_tiles = _as_ints(tile_size=tile_size, min_tiles=min_tiles, max_tiles=max_tiles)
+    if not 1 <= tile_size <= TILE_SIZE_LIMIT:
+        raise ValueError(f"tile_size must be in [1, {TILE_SIZE_LIMIT}], got {tile_size}")
     if min_tiles < 1:
         raise ValueError(f"min_tiles must be >= 1, got {min_tiles}")
     if min_tiles > max_tiles:
         raise ValueError(f"min_tiles ({min_tiles}) must be <= max_tiles ({max_tiles})")
+    if max_tiles > TILES_LIMIT:
+        raise ValueError(f"max_tiles must be <= {TILES_LIMIT}, got {max_tiles}")
+    if not isinstance(use_thumbnail, bool | np.bool_):
+        raise TypeError(f"use_thumbnail must be a bool, got {type(use_thumbnail).__name__}")
+    return tile_size, min_tiles, max_tiles, bool(use_thumbnail)
+
+
+def check_grid_args(
+    width: int, height: int, tile_size: int, min_tiles: int, max_tiles: int
+) -> tuple[int, int, int, int, int]:
+    """The image size (px) and the tiling bounds as Python ints; TypeError or ValueError naming the argument unless
+    they are usable."""
+    width, height = _as_ints(width=width, height=height)
+    if width < 1 or height < 1:
+        raise ValueError(f"image has zero size: {width}x{height} (width x height)")
+    tile_size, min_tiles, max_tiles, _ = check_tile_args(tile_size, min_tiles, max_tiles, True)
+    return width, height, tile_size, min_tiles, max_tiles
+
+
+def tile_count(grid: tuple[int, int], tile_size: int, use_thumbnail: bool) -> int:
+    """Tiles in one image's pixel_values: cols * rows, +1 thumbnail when asked for and there is more than one.
+    ValueError when they would take more than MAX_OUTPUT_BYTES."""
+    cols, rows = grid
+    n = cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
+    size = n * 3 * tile_size * tile_size * 4
+    if size > MAX_OUTPUT_BYTES:
+        raise ValueError(
+            f"{n} tiles of tile_size {tile_size} (grid {cols}x{rows} within max_tiles) would take "
+            f"{size / 2**30:.1f} GiB, more than {MAX_OUTPUT_BYTES >> 30} GiB: lower tile_size or max_tiles"
+        )
+    return n
 
 
 def check_norm(mean: Sequence[float], std: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -73,11 +110,20 @@ def check_rgb_array(array: np.ndarray) -> None:
         raise ValueError(f"image has zero size: {array.shape[1]}x{array.shape[0]} (width x height)")
 
 
-def to_rgb(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
-    """A PIL image converted to RGB as InternVL does (`.convert("RGB")`), or a checked uint8 [H, W, 3] array.
+def decode(image: Image.Image) -> None:
+    """Decode a lazily opened file's pixels now. A truncated or corrupt file raises OSError (PIL's own; the
+    SyntaxError PIL raises for a broken file becomes one) or ValueError (too little pixel data, an unknown mode)."""
+    try:
+        image.load()
+    except SyntaxError as err:  # what PIL raises inside a plugin for a broken file (a bad PNG chunk): not Python's
+        raise OSError(f"image file is broken: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"image could not be decoded: {err}") from err
 
-    Decoding errors of a lazily opened file (truncated or not an image) surface here as PIL's own OSError.
-    """
+
+def to_rgb(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+    """A PIL image decoded (`decode`) and converted to RGB as InternVL does (`.convert("RGB")`), or a checked uint8
+    [H, W, 3] array."""
     if isinstance(image, np.ndarray):
         check_rgb_array(image)
         return image
@@ -85,7 +131,13 @@ def to_rgb(image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
         raise TypeError(f"image must be a PIL.Image.Image or a uint8 numpy array, got {type(image).__name__}")
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image has zero size: {image.width}x{image.height} (width x height)")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    decode(image)
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except ValueError as err:  # a mode Pillow cannot convert (La)
+        raise ValueError(f"image mode {image.mode!r} cannot be converted to RGB: {err}") from err
 
 
 @lru_cache(maxsize=256)

@@ -18,6 +18,8 @@ from grpo_fast.vision.common import (
     candidate_grids,
     check_grid_args,
     check_norm,
+    check_tile_args,
+    tile_count,
     to_rgb,
 )
 
@@ -27,7 +29,7 @@ def closest_grid(
 ) -> tuple[int, int]:
     """(cols, rows) whose aspect ratio is closest to width/height; on a tie the later (larger) grid wins when the
     image area exceeds half the grid's pixel area. Sizes in pixels."""
-    check_grid_args(width, height, tile_size, min_tiles, max_tiles)
+    width, height, tile_size, min_tiles, max_tiles = check_grid_args(width, height, tile_size, min_tiles, max_tiles)
     aspect, area = width / height, width * height
     best, best_diff = (1, 1), float("inf")
     for cols, rows in candidate_grids(min_tiles, max_tiles):
@@ -50,13 +52,14 @@ def dynamic_tile(
 ) -> TiledImage:
     """Tile one PIL image (any mode) or uint8 [H, W, 3] array -> float32 [n, 3, tile, tile] and (cols, rows)."""
     mean32, std32 = check_norm(mean, std)
+    t, min_tiles, max_tiles, use_thumbnail = check_tile_args(tile_size, min_tiles, max_tiles, use_thumbnail)
     rgb = to_rgb(image)
     img = rgb if isinstance(rgb, Image.Image) else Image.fromarray(np.ascontiguousarray(rgb), mode="RGB")
-    cols, rows = closest_grid(img.width, img.height, tile_size, min_tiles, max_tiles)
-    resized = img.resize((cols * tile_size, rows * tile_size), Image.Resampling.BICUBIC)
-    t = tile_size
+    cols, rows = closest_grid(img.width, img.height, t, min_tiles, max_tiles)
+    n = tile_count((cols, rows), t, use_thumbnail)
+    resized = img.resize((cols * t, rows * t), Image.Resampling.BICUBIC)
     tiles = [resized.crop((c * t, r * t, (c + 1) * t, (r + 1) * t)) for r in range(rows) for c in range(cols)]
-    if use_thumbnail and len(tiles) > 1:
+    if n > len(tiles):
         tiles.append(img.resize((t, t), Image.Resampling.BICUBIC))
     pixels = np.stack([np.asarray(tile) for tile in tiles]).astype(np.float32) / np.float32(255)  # [n, t, t, 3]
     pixels = (pixels - mean32) / std32

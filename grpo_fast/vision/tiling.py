@@ -19,6 +19,9 @@ from grpo_fast.vision.common import (
     TiledImage,
     check_grid_args,
     check_norm,
+    check_tile_args,
+    decode,
+    tile_count,
     to_rgb,
 )
 
@@ -36,8 +39,7 @@ def closest_grid(
 ) -> tuple[int, int]:
     """(cols, rows) whose aspect ratio is closest to width/height among min_tiles <= cols*rows <= max_tiles; on a tie
     the larger grid wins when the image area exceeds half the grid's pixel area. Sizes in pixels."""
-    check_grid_args(width, height, tile_size, min_tiles, max_tiles)
-    return _tiling.closest_grid(int(width), int(height), int(tile_size), int(min_tiles), int(max_tiles))
+    return _tiling.closest_grid(*check_grid_args(width, height, tile_size, min_tiles, max_tiles))
 
 
 @lru_cache(maxsize=1)
@@ -78,12 +80,13 @@ def _pillow_view(image: Image.Image) -> np.ndarray | None:
 
 
 def _pixels(image: Image.Image | np.ndarray) -> list[np.ndarray]:
-    """The image's RGB pixels as row bands, top to bottom, of uint8 [h, W, 3] arrays whose pixels are packed (row
-    stride free). No copy for such numpy arrays nor for Pillow images in one memory block; a Pillow image too large
-    for one block (16 MiB by default, e.g. 4000x3000) is cropped into bands that each fit one (a memcpy per row),
-    ~10x faster than the 3-byte copy `np.asarray` makes."""
+    """The image's RGB pixels as row bands, top to bottom, of uint8 [h, W, 3] arrays whose pixels are 3 or 4 bytes
+    apart and channels 1 (row stride free). No copy for such numpy arrays (an RGBA array's `[..., :3]` too) nor for
+    Pillow images in one memory block; a Pillow image too large for one block (16 MiB by default, e.g. 4000x3000) is
+    cropped into bands that each fit one (a memcpy per row), ~10x faster than the 3-byte copy `np.asarray` makes."""
     arrow = hasattr(Image.Image, "__arrow_c_array__")  # Pillow >= 11.2; older ones take the copy below
     if arrow and isinstance(image, Image.Image) and image.mode in _FOUR_BYTE_RGB_MODES and image.width and image.height:
+        decode(image)  # first: a decoding error must not pass for the ValueError of an image in several blocks
         whole = _pillow_view(image)
         if whole is not None:
             return [whole]
@@ -93,27 +96,27 @@ def _pixels(image: Image.Image | np.ndarray) -> list[np.ndarray]:
         if all(band is not None for band in bands):
             return bands
     array = np.asarray(to_rgb(image))
-    if array.strides[1:] != (3, 1):
+    if array.strides[2] != 1 or (array.shape[1] > 1 and array.strides[1] not in (3, 4)):
         array = np.ascontiguousarray(array)
     return [array]
 
 
 def _prepare(
-    image, tile_size, min_tiles, max_tiles, use_thumbnail
+    image: Image.Image | np.ndarray, tile_size: int, min_tiles: int, max_tiles: int, use_thumbnail: bool
 ) -> tuple[list[np.ndarray], tuple[int, int], torch.Tensor]:
-    """Input row bands, grid and the empty float32 [n, 3, tile, tile] output for one image."""
+    """Input row bands, grid and the empty float32 [n, 3, tile, tile] output for one image (arguments checked)."""
     bands = _pixels(image)
     width, height = bands[0].shape[1], sum(band.shape[0] for band in bands)
-    cols, rows = closest_grid(width, height, tile_size, min_tiles, max_tiles)
-    n = cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
-    return bands, (cols, rows), torch.empty((n, 3, tile_size, tile_size), dtype=torch.float32)
+    grid = _tiling.closest_grid(width, height, tile_size, min_tiles, max_tiles)
+    n = tile_count(grid, tile_size, use_thumbnail)
+    return bands, grid, torch.empty((n, 3, tile_size, tile_size), dtype=torch.float32)
 
 
 def _num_threads(num_threads: int | None) -> int:
     if num_threads is None:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive int or None, got {num_threads!r}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 1 <= num_threads < 2**31:
+        raise ValueError(f"num_threads must be an int in [1, 2**31) or None, got {num_threads!r}")
     return num_threads
 
 
@@ -129,7 +132,10 @@ def dynamic_tile_batch(
 ) -> list[TiledImage]:
     """Tile many images at once: the tiles of all images share one pool of `num_threads` native threads
     (None: every core this process may use). Each result is as `dynamic_tile`'s."""
+    if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim < 4):
+        raise TypeError(f"images must be a sequence of images, got one {type(images).__name__}: call dynamic_tile")
     mean32, std32 = check_norm(mean, std)
+    tile_size, min_tiles, max_tiles, use_thumbnail = check_tile_args(tile_size, min_tiles, max_tiles, use_thumbnail)
     threads = _num_threads(num_threads)
     prepared = [_prepare(im, tile_size, min_tiles, max_tiles, use_thumbnail) for im in images]
     _tiling.tile_batch(

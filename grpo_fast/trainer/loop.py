@@ -1,0 +1,409 @@
+"""The GRPO loop: rollout -> reward -> advantage -> clipped, KL-regularised loss -> update.
+
+GRPO (DeepSeekMath, arXiv:2402.03300) with TRL's knobs. Each step:
+1. rollout: this rank's prompts of the global batch, G completions each (`grpo_fast.models.generation`: KV
+   cache, stop at EOS, temperature / top-k / top-p with per-row seeded generators, see `trainer.rollout`);
+2. reward: every reward function `(prompts, completions, **columns) -> list[float | None]` (None: unscorable);
+3. advantage: rewards gathered over ranks, `group_advantages` over whole groups (weighted sum over functions);
+4. old log-probs (when num_iterations > 1) and reference log-probs (when beta > 0) with `fused_linear_logprobs`;
+5. num_iterations updates, each: `fused_linear_grpo_loss` on the policy's last hidden states and lm_head (never
+   full logits) for every micro-batch, gradients summed over micro-batches and ranks, clipped, AdamW, schedule.
+
+Losses are normalised by global counts (tokens for dapo/bnpo, sequences for grpo/dr_grpo, over micro-batches and
+ranks), so N processes on a global batch compute the update one process would.
+
+    python -m grpo_fast.train                     # tiny default: synthetic data, SFT warm start, GRPO, table
+    torchrun --nproc_per_node=2 -m grpo_fast.train --batch-size 16
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from grpo_fast.config import ConfigError, GRPOConfig, save_yaml
+from grpo_fast.distributed import (
+    DistEnv,
+    all_gather_cat,
+    all_sum,
+    barrier,
+    clip_grad_norm,
+    full_state,
+    full_weights,
+    load_full_state,
+    sum_gradients,
+)
+from grpo_fast.kernels import fused_linear_grpo_loss, fused_linear_logprobs, group_advantages
+from grpo_fast.models.generation import Completions, SeededSampler, generate_completions
+from grpo_fast.models.inputs import Batch, collate
+from grpo_fast.models.policy import Policy
+from grpo_fast.rewards.judge import Judge, JudgeReward
+from grpo_fast.schedule import lr_factor
+from grpo_fast.trainer.evaluation import evaluate, format_table
+from grpo_fast.trainer.rollout import Rollout, row_seed, sample_records
+from grpo_fast.trainer.run_dir import RunLog, latest_checkpoint, load_trainer_state, save_checkpoint
+
+RewardFn = Callable[..., list[float | None]]
+
+
+@dataclass
+class StepStats:
+    """What one step reports (means over the global batch; loss metrics over its tokens and iterations)."""
+
+    step: int
+    reward: float
+    reward_std: float  # mean within-group std
+    frac_reward_zero_std: float  # groups whose rewards are all equal (no signal)
+    completion_length: float
+    truncated: float
+    loss: float
+    kl: float
+    entropy: float
+    clip_ratio: float  # share of tokens clipped (region)
+    grad_norm: float
+    lr: float
+    step_time: float
+
+
+def lm_head(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_output_embeddings()
+
+
+def completion_hidden(model: torch.nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Last hidden states `[B, C, D]` at the positions that predict each completion token (shifted by one).
+
+    Through the whole model's forward (logits of one position only, `[B, 1, V]`), not its backbone's: under FSDP2
+    the root's forward is what gathers the root unit's weights, the lm_head's among them."""
+    inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(lm_head(model).weight.dtype)
+    hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    prompt, width = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
+    return hidden[:, prompt - 1 : prompt - 1 + width]
+
+
+class GRPOTrainer:
+    """Runs GRPO steps on `policy`; `reward_funcs` default to the judge's rubric reward."""
+
+    def __init__(
+        self,
+        cfg: GRPOConfig,
+        policy: Policy,
+        train_items: Sequence[dict[str, Any]],
+        env: DistEnv,
+        *,
+        judge: Judge | None = None,
+        reward_funcs: Sequence[RewardFn] | None = None,
+        reward_weights: Sequence[float] | None = None,
+        ref_model: torch.nn.Module | None = None,
+    ) -> None:
+        self.cfg, self.policy, self.items, self.env = cfg, policy, list(train_items), env
+        self.reward_funcs = list(reward_funcs) if reward_funcs else [JudgeReward(judge)]
+        weights = reward_weights if reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"{len(weights)} reward weights for {len(self.reward_funcs)} reward functions")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        if cfg.beta > 0 and ref_model is None and not hasattr(policy.model, "disable_adapter"):
+            raise ValueError("beta > 0 needs a reference: pass ref_model, or train LoRA adapters (their base is it)")
+        self.ref_model = ref_model
+        self.params = [p for p in policy.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay
+        )
+        schedule = partial(
+            lr_factor,
+            total=cfg.max_steps * cfg.num_iterations,
+            warmup=cfg.warmup_steps,
+            kind=cfg.lr_scheduler_type,
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0  # steps completed
+        self._perms: dict[int, list[int]] = {}
+
+    # -- data --------------------------------------------------------------------------------------------------
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            self._perms = {
+                epoch: random.Random(f"{self.cfg.seed}/epoch/{epoch}").sample(range(len(self.items)), len(self.items))
+            }
+        return self._perms[epoch]
+
+    def prompt_slots(self, step: int, micro: int) -> range:
+        """Global prompt slots of this rank's share of micro-batch `micro` of `step` (slot k -> item order[k % n])."""
+        per_rank = self.cfg.prompts_per_batch
+        first = (step * self.cfg.gradient_accumulation_steps + micro) * per_rank * self.env.world
+        return range(first + self.env.rank * per_rank, first + (self.env.rank + 1) * per_rank)
+
+    def prompts(self, step: int, micro: int) -> list[dict[str, Any]]:
+        n = len(self.items)
+        return [self.items[self._order(k // n)[k % n]] for k in self.prompt_slots(step, micro)]
+
+    # -- rollout -> reward -> advantage --------------------------------------------------------------------------
+
+    def rollout(self, step: int, micro: int) -> Rollout:
+        cfg, tok, G = self.cfg, self.policy.tokenizer, self.cfg.num_generations
+        items = [item for item in self.prompts(step, micro) for _ in range(G)]
+        batch = collate(self.policy, items)
+        longest = int(batch.prompt_mask.sum(1).max())
+        if cfg.max_prompt_length is not None and longest > cfg.max_prompt_length:
+            raise ConfigError(
+                f"a prompt has {longest} tokens (image tokens included) > max_prompt_length "
+                f"{cfg.max_prompt_length}: raise it or lower the image's tile count"
+            )
+        # within-step global row: micro-batches, then ranks, then prompts, then the G members
+        first_row = (micro * self.env.world * cfg.prompts_per_batch + self.env.rank * cfg.prompts_per_batch) * G
+        seeds = [row_seed(cfg.seed, step, first_row + i) for i in range(len(items))]
+        sampler = SeededSampler(seeds, cfg.temperature, cfg.top_k, cfg.top_p)
+        self.policy.model.eval()
+        out: Completions = generate_completions(
+            self.policy.model,
+            batch,
+            tok,
+            max_new_tokens=cfg.max_completion_length,
+            logits_processor=sampler,
+            synced=cfg.fsdp,
+        )
+        self.policy.model.train()
+        texts = tok.batch_decode(out.ids, skip_special_tokens=True)
+        batch.completion_ids = out.ids
+        batch.completion_mask = (
+            out.mask * (~out.truncated).long().unsqueeze(1) if cfg.mask_truncated_completions else out.mask
+        )
+        rewards = self.score(items, texts)
+        advantages = self.compute_advantages(rewards)
+        old_logp = self.logprobs(self.policy.model, batch) if cfg.num_iterations > 1 else None
+        ref_logp = self.reference_logprobs(batch) if cfg.beta > 0 else None
+        return Rollout(items, batch, texts, rewards, advantages, old_logp, ref_logp, out.truncated)
+
+    def score(self, items: list[dict[str, Any]], texts: list[str]) -> torch.Tensor:
+        """`[B, K]` rewards of every function (TRL's call: prompts, completions, dataset columns); NaN = None."""
+        keys = [k for k in items[0] if all(k in it for it in items)]
+        columns = {k: [it[k] for it in items] for k in keys}
+        prompts = [it["question"] for it in items]
+        out = torch.full((len(texts), len(self.reward_funcs)), math.nan)
+        for k, fn in enumerate(self.reward_funcs):
+            values = fn(prompts, texts, **columns)
+            out[:, k] = torch.tensor([math.nan if v is None else float(v) for v in values])
+        return out
+
+    def compute_advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """This rank's `[B]` advantages, computed on the rewards of all ranks (whole groups, batch statistics)."""
+        everything = all_gather_cat(rewards, self.env)
+        if everything.shape[1] == 1:
+            adv = group_advantages(everything[:, 0], self.cfg.num_generations, scale=self.cfg.scale_rewards)
+        else:
+            adv = group_advantages(
+                everything, self.cfg.num_generations, scale=self.cfg.scale_rewards, weights=self.reward_weights
+            )
+        b = rewards.shape[0]
+        return adv[self.env.rank * b : (self.env.rank + 1) * b]
+
+    @torch.no_grad()
+    def logprobs(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """`[B, C]` log-probs of the completion tokens under `model` (chunked lm_head, no full logits)."""
+        with self._autocast():
+            hidden = completion_hidden(model, batch, self.env.device)
+        head = lm_head(model)
+        targets = batch.completion_ids.to(self.env.device)
+        return fused_linear_logprobs(hidden, head.weight, targets, bias=head.bias, temperature=self.cfg.temperature)
+
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self.logprobs(self.ref_model, batch)
+        with self.policy.model.disable_adapter():  # LoRA: the base model is the reference
+            return self.logprobs(self.policy.model, batch)
+
+    # -- loss -> update ------------------------------------------------------------------------------------------
+
+    def loss(self, r: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's GRPO loss (normalised within the micro-batch, as the kernel defines it)."""
+        cfg, dev = self.cfg, self.env.device
+        with self._autocast():
+            hidden = completion_hidden(self.policy.model, r.batch, dev)
+        head = lm_head(self.policy.model)
+        to = lambda t: None if t is None else t.to(dev)
+        return fused_linear_grpo_loss(
+            hidden,
+            head.weight,
+            r.batch.completion_ids.to(dev),
+            old_logp=to(r.old_logp),
+            ref_logp=to(r.ref_logp),
+            advantages=r.advantages.to(dev),
+            mask=r.batch.completion_mask.to(dev),
+            bias=head.bias,
+            beta=cfg.beta,
+            epsilon_low=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high,
+            delta=cfg.delta,
+            loss_type=cfg.loss_type,
+            importance_sampling_level=cfg.importance_sampling_level,
+            temperature=cfg.temperature,
+            max_completion_length=cfg.max_completion_length,
+        )
+
+    def loss_scales(self, rollouts: list[Rollout]) -> list[float]:
+        """Per micro-batch factor turning its own normalisation into the global one: its share of the tokens
+        (dapo, bnpo) or of the sequences (grpo, dr_grpo) of all micro-batches on all ranks."""
+        if self.cfg.loss_type in ("dapo", "bnpo"):
+            counts = torch.tensor([float(r.batch.completion_mask.sum()) for r in rollouts])
+        else:
+            counts = torch.tensor([float(len(r.items)) for r in rollouts])
+        total = float(all_sum(counts.sum(), self.env))
+        return [float(c) / total if total > 0 else 0.0 for c in counts]
+
+    def train_step(self) -> tuple[StepStats, list[Rollout]]:
+        """One GRPO step (rollouts, then num_iterations updates); returns its stats and its rollouts."""
+        cfg, start = self.cfg, time.perf_counter()
+        rollouts = [self.rollout(self.step, m) for m in range(cfg.gradient_accumulation_steps)]
+        scales = self.loss_scales(rollouts)
+        sums = torch.zeros(5)  # loss, kl, entropy, clip ratio (token-weighted) and grad norm, summed
+        for _ in range(cfg.num_iterations):
+            self.optimizer.zero_grad(set_to_none=True)
+            for r, scale in zip(rollouts, scales):
+                loss, metrics = self.loss(r)
+                (loss * scale).backward()
+                sums[:4] += scale * torch.stack(
+                    [loss.detach().float().cpu()]
+                    + [
+                        metrics.get(k, torch.tensor(math.nan)).detach().float().cpu()
+                        for k in ("kl", "entropy", "clip_ratio/region_mean")
+                    ]
+                )
+            if not cfg.fsdp:  # FSDP2 has reduce-scattered (summed) them in the backward
+                sum_gradients(self.params, self.env)
+            sums[4] += clip_grad_norm(self.params, cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+        sums[:4] = all_sum(sums[:4], self.env)
+        sums /= cfg.num_iterations
+        self.step += 1
+        return self._stats(rollouts, sums, time.perf_counter() - start), rollouts
+
+    def _stats(self, rollouts: list[Rollout], sums: torch.Tensor, seconds: float) -> StepStats:
+        G = self.cfg.num_generations
+        rewards = all_gather_cat(torch.cat([r.rewards for r in rollouts]), self.env)  # [global B, K]
+        total = torch.nansum(rewards * self.reward_weights, dim=1)  # [global B]
+        groups = total.view(-1, G)
+        lengths = all_gather_cat(torch.cat([r.batch.completion_mask.sum(1).float() for r in rollouts]), self.env)
+        truncated = all_gather_cat(torch.cat([r.truncated.float() for r in rollouts]), self.env)
+        loss, kl, entropy, clip, grad_norm = sums.tolist()
+        return StepStats(
+            step=self.step,
+            reward=total.mean().item(),
+            reward_std=groups.std(dim=1).mean().item(),
+            frac_reward_zero_std=(groups.std(dim=1) < 1e-6).float().mean().item(),
+            completion_length=lengths.mean().item(),
+            truncated=truncated.mean().item(),
+            loss=loss,
+            kl=kl if self.cfg.beta > 0 else 0.0,
+            entropy=entropy,
+            clip_ratio=clip,
+            grad_norm=grad_norm,
+            lr=self.scheduler.get_last_lr()[0],
+            step_time=seconds,
+        )
+
+    def _autocast(self):
+        on = self.cfg.bf16 and self.env.device.type == "cuda"
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=on)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs (sampling is keyed on seed and step, so the step is the data position).
+        Under FSDP2 a collective (every rank calls it): the full weights and optimizer state land on rank 0."""
+        trainable, optimizer = full_state(self.policy.model, self.optimizer, sharded=self.cfg.fsdp)
+        return {
+            "step": self.step,
+            "trainable": trainable,
+            "optimizer": optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_full_state(
+            self.policy.model, self.optimizer, state["trainable"], state["optimizer"], sharded=self.cfg.fsdp
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = state["step"]
+
+
+def run(
+    cfg: GRPOConfig,
+    env: DistEnv,
+    policy: Policy,
+    ref_model: torch.nn.Module | None,
+    judge: Judge,
+    train_items: Sequence[dict[str, Any]],
+    val_items: Sequence[dict[str, Any]],
+    reward_funcs: Sequence[RewardFn] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Trains `cfg.max_steps` steps (or the rest of them on --resume) with evaluations and checkpoints, writing
+    the run folder; returns {"before": eval metrics, "after": eval metrics}."""
+    trainer = GRPOTrainer(cfg, policy, train_items, env, judge=judge, reward_funcs=reward_funcs, ref_model=ref_model)
+    log = RunLog(cfg, env.is_main)
+    val = list(val_items[: cfg.eval_items] if cfg.eval_items else val_items)
+
+    def do_eval() -> dict[str, float]:
+        return evaluate(policy, val, judge, env, cfg.eval_batch_size, cfg.max_completion_length, synced=cfg.fsdp)
+
+    if cfg.resume:
+        checkpoint = latest_checkpoint(cfg.run_dir)
+        trainer.load_state_dict(load_trainer_state(checkpoint))
+        log.resume_at(trainer.step)
+        before = next((r for r in log.records if r["step"] == 0 and "eval/reward" in r), None) if env.is_main else {}
+        if env.is_main:
+            print(f"resuming from {checkpoint} (step {trainer.step})")
+    else:
+        if env.is_main:
+            save_yaml(cfg, cfg.run_dir / "config.yaml")
+        before = do_eval()
+        log.log({"step": 0, **before})
+    bar = tqdm(
+        range(trainer.step, cfg.max_steps),
+        desc="grpo",
+        unit="step",
+        disable=not env.is_main,
+        initial=trainer.step,
+        total=cfg.max_steps,
+    )
+    after = None
+    for _ in bar:
+        stats, rollouts = trainer.train_step()
+        step = stats.step
+        bar.set_postfix(reward=f"{stats.reward:.3f}", kl=f"{stats.kl:.4f}", step_s=f"{stats.step_time:.1f}")
+        if step % cfg.logging_steps == 0 or step == cfg.max_steps:
+            log.log(asdict(stats) | (judge.metrics() if hasattr(judge, "metrics") else {}))  # LLM judge counters
+            log.samples(sample_records(rollouts[0], step, cfg.log_samples))
+        if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == cfg.max_steps:
+            after = do_eval()
+            log.log({"step": step, **after})
+        if step % cfg.save_steps == 0 or step == cfg.max_steps:
+            state = trainer.state_dict()
+            if env.is_main:
+                # the gathered weights: a sharded model cannot save itself
+                save_model = partial(policy.save, state_dict=state["trainable"] if cfg.fsdp else None)
+                save_checkpoint(cfg.run_dir, step, state, save_model, cfg)
+            barrier(env)
+    if after is None:  # resumed at the end: nothing left to train
+        after = do_eval()
+    weights = full_weights(policy.model) if cfg.fsdp else None  # a collective
+    if env.is_main:
+        policy.save(cfg.run_dir / "final", weights)  # LoRA: PEFT saves the adapter
+        log.plot()
+        log.close()
+        print(format_table(before, after))
+    return {"before": before, "after": after}
