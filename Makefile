@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.grpo_fast-installed
 
-.PHONY: setup test train bench bench-tiling-tv asan clean
+.PHONY: setup test train bench bench-tiling-tv asan gpu-check clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,12 @@ asan: setup
 	GRPO_FAST_TILING_SO="$$(ls $(ASAN_DIR)/lib/_tiling*.so)" LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 	  $(PY) -m pytest tests/vision -q -p no:cacheprovider --capture=sys --ignore=tests/vision/test_large.py $(ARGS)
+
+# A machine with one NVIDIA GPU (TORCH must name a CUDA build of torch), about 8 minutes, no model download: the
+# CUDA tests, the loss benchmark at GPU shapes beside Liger and TRL, 10 GRPO steps with --bf16, torchrun with nccl,
+# and the GPU targets as PASS / FAIL; gpu-check.json and gpu-check.md land in $(OUT), else runs/gpu-check.
+gpu-check: setup
+	$(PY) scripts/gpu_check.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

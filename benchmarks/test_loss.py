@@ -5,9 +5,16 @@ Rows (same inputs, same loss: DAPO, beta 0.04 with reference log-probs, on-polic
 - `full-logits`: `grpo_fast.kernels.reference`, i.e. the `[N, V]` logits, log_softmax gather, the loss, autograd;
 - `trl-chunked-head`: TRL's fused lm_head (`ChunkedLogProbFunction`, what its GRPOTrainer runs) + the same loss;
 - `liger`: Liger-Kernel's `LigerFusedLinearGRPOLoss` (defaults: torch.compile'd chunks of one sequence);
-- `grpo_fast`: this project (chunked torch path on CPU, Triton on CUDA).
+- `grpo_fast`: this project (chunked torch path on CPU, Triton on CUDA);
+- `grpo_fast-cispo`: the same with `loss_type="cispo"` (epsilon_high 5.0, ScaleRL's value), a loss variant's cost:
+  at most 1.05x the `grpo_fast` (dapo) row, asserted where the CPU targets are.
 Each row records its median time and its peak extra memory (`extra_info`): on CPU the resident-set high-water mark
-above what was resident before the call, on CUDA the allocator's peak.
+above what was resident before the call, on CUDA the allocator's peak (`max_memory_allocated` after
+`reset_peak_memory_stats`). On CUDA every step ends with `torch.cuda.synchronize()`, so the timer sees the work,
+not its launch.
+
+Shapes: on CPU `small` and `qwen2-vocab` in fp32; on CUDA the GPU shapes (N = 8,192 and 32,768 tokens, D = 2,048
+and 4,096, V = 151,936), in bf16 and fp32. `scripts/gpu_check.py` runs the same rows and checks the GPU targets.
 
 Targets at N = 2,048 tokens, D = 896, V = 151,936, fp32, on CPU (asserted in the `grpo_fast` row, which runs last):
 time <= 1.15x the three-GEMM floor; peak extra memory <= 1.3x the gradient buffers the backward must return anyway
@@ -24,36 +31,43 @@ import statistics
 
 import pytest
 import torch
-from memory import peak_extra_bytes
+from memory import peak_extra_bytes, synchronize
 
 from grpo_fast.kernels import fused_linear_grpo_loss, reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BETA = 0.04
 # name: (B, T, D, V); "qwen2-vocab" is InternVL3-1B's language model (Qwen2-0.5B: D 896, V 151,936)
-SHAPES = {"small": (8, 64, 256, 32_000), "qwen2-vocab": (16, 128, 896, 151_936)}
-IMPLS = ["floor-3-gemms", "full-logits", "trl-chunked-head", "liger", "grpo_fast"]
+CPU_SHAPES = {"small": (8, 64, 256, 32_000), "qwen2-vocab": (16, 128, 896, 151_936)}
+# N = B * T completion tokens of sequences of 1,024; D of 1.5B-class and 7B-class models, Qwen2's vocabulary
+GPU_SHAPES = {f"n{b}k-d{d}": (b, 1024, d, 151_936) for b in (8, 32) for d in (2048, 4096)}
+SHAPES = GPU_SHAPES if DEVICE.type == "cuda" else CPU_SHAPES
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32} if DEVICE.type == "cuda" else {"fp32": torch.float32}
+IMPLS = ["floor-3-gemms", "full-logits", "trl-chunked-head", "liger", "grpo_fast", "grpo_fast-cispo"]
 PEERS = ("full-logits", "trl-chunked-head", "liger")
 TRL_VOCAB_CHUNK = 32_768  # the vocabulary tile TRL's GRPOTrainer passes (trl.trainer.utils)
-_results: dict[tuple[str, str], tuple[float, int]] = {}  # (shape, impl) -> (median s, peak extra bytes)
+_results: dict[tuple[str, str, str], tuple[float, int]] = {}  # (shape, dtype, impl) -> (median s, peak bytes)
 
 
-def _inputs(b: int, t: int, d: int, v: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(b, t, d, generator=g)
-    weight = torch.randn(v, d, generator=g) / d**0.5
-    targets = torch.randint(0, v, (b, t), generator=g)
+def make_inputs(b: int, t: int, d: int, v: int, dtype: torch.dtype = torch.float32,
+                device: torch.device = DEVICE) -> dict[str, torch.Tensor]:
+    """The rows' shared inputs, drawn on `device`: `hidden [B, T, D]` and `weight [V, D]` in `dtype`, targets, an
+    all-valid mask, advantages and reference log-probs near the policy's."""
+    g = torch.Generator(device).manual_seed(0)
+    hidden = torch.randn(b, t, d, generator=g, device=device).to(dtype)
+    weight = (torch.randn(v, d, generator=g, device=device) / d**0.5).to(dtype)
+    targets = torch.randint(0, v, (b, t), generator=g, device=device)
     with torch.no_grad():
         ref = reference.fused_linear_logprobs(hidden[:1], weight, targets[:1]).expand(b, t) - 0.1
-    tensors = {
-        "hidden": hidden, "weight": weight, "targets": targets, "mask": torch.ones(b, t, dtype=torch.bool),
-        "advantages": torch.randn(b, generator=g), "ref_logp": ref.contiguous(),
+    return {
+        "hidden": hidden, "weight": weight, "targets": targets, "mask": torch.ones(b, t, dtype=torch.bool, device=device),
+        "advantages": torch.randn(b, generator=g, device=device), "ref_logp": ref.contiguous(),
     }
-    return {k: x.to(DEVICE) for k, x in tensors.items()}
 
 
-def _step(impl: str, x: dict[str, torch.Tensor]):
-    """A no-argument callable: one forward + backward of `impl` from fresh leaves (grads of hidden and weight)."""
+def make_step(impl: str, x: dict[str, torch.Tensor]):
+    """A no-argument callable: one forward + backward of `impl` from fresh leaves (grads of hidden and weight),
+    which returns once the device has finished it."""
     hidden = x["hidden"].clone().requires_grad_()
     weight = x["weight"].clone().requires_grad_()
     b, t, d = hidden.shape
@@ -89,43 +103,51 @@ def _step(impl: str, x: dict[str, torch.Tensor]):
             loss, _ = liger(hidden, weight, x["targets"], x["mask"], x["advantages"], ref_per_token_logps=x["ref_logp"])
             loss.backward()
     else:
+        variant = {"loss_type": "cispo", "epsilon_high": 5.0} if impl == "grpo_fast-cispo" else {}
 
         def run():
             loss, _ = fused_linear_grpo_loss(hidden, weight, x["targets"], None, x["ref_logp"], x["advantages"],
-                                             x["mask"], beta=BETA)
+                                             x["mask"], beta=BETA, **variant)
             loss.backward()
 
     def step():
         hidden.grad = weight.grad = None
         run()
+        synchronize(hidden.device)
         hidden.grad = weight.grad = None  # freed inside the call, so every round starts from the same memory
 
     return step
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_fused_linear_grpo_loss(benchmark, shape: str, impl: str) -> None:
+def test_fused_linear_grpo_loss(benchmark, shape: str, dtype: str, impl: str) -> None:
     b, t, d, v = SHAPES[shape]
-    x = _inputs(b, t, d, v)
-    step = _step(impl, x)
+    x = make_inputs(b, t, d, v, DTYPES[dtype])
+    step = make_step(impl, x)
     peak = peak_extra_bytes(step, DEVICE)  # also the warm-up (Liger compiles its chunk function here)
-    rounds = 3 if shape == "qwen2-vocab" else 5
-    benchmark.group = f"fused_linear_grpo_loss fwd+bwd {shape} N={b * t} D={d} V={v} {DEVICE.type}"
+    rounds = 3 if shape == "qwen2-vocab" or DEVICE.type == "cuda" else 5
+    benchmark.group = f"fused_linear_grpo_loss fwd+bwd {shape} {dtype} N={b * t} D={d} V={v} {DEVICE.type}"
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     median = statistics.median(benchmark.stats.stats.data)
-    _results[(shape, impl)] = (median, peak)
+    _results[(shape, dtype, impl)] = (median, peak)
     n = b * t
-    grad_bytes = (v * d + n * d) * 4
+    grad_bytes = (v * d + n * d) * DTYPES[dtype].itemsize
     tokens_per_s = n / median
     benchmark.extra_info.update(
         peak_extra_MB=round(peak / 2**20, 1), peak_over_grad_buffers=round(peak / grad_bytes, 3),
         tokens_per_s=round(tokens_per_s, 1),
     )
+    if impl == "grpo_fast-cispo" and (shape, dtype, "grpo_fast") in _results:
+        dapo = _results[(shape, dtype, "grpo_fast")][0]
+        benchmark.extra_info["time_over_dapo"] = round(median / dapo, 3)
+        if shape == "qwen2-vocab" and DEVICE.type == "cpu":
+            assert median <= 1.05 * dapo, f"cispo {median:.2f} s is over 1.05x dapo ({dapo:.2f} s)"
     if impl != "grpo_fast":
         return
-    floor = _results.get((shape, "floor-3-gemms"))
-    peers = {p: _results[(shape, p)] for p in PEERS if (shape, p) in _results}
+    floor = _results.get((shape, dtype, "floor-3-gemms"))
+    peers = {p: _results[(shape, dtype, p)] for p in PEERS if (shape, dtype, p) in _results}
     if floor:
         benchmark.extra_info["time_over_floor"] = round(median / floor[0], 3)
     for peer, (peer_time, peer_peak) in peers.items():

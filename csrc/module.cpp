@@ -132,6 +132,64 @@ py::array pillow_rgb_view(const py::capsule& schema, const py::capsule& array, l
   return view;
 }
 
+// The head of Pillow's image struct (ImagingMemoryInstance in Pillow's src/libImaging/Imaging.h), up to linesize,
+// in the two layouts Pillow has had: the mode as `char mode[7]` (up to Pillow 11) and as an int id (Pillow 12 on).
+// Pillow installs no headers, so the fields are checked against what Python knows before any pointer is used.
+template <typename Mode>
+struct PillowImagingHead {
+  Mode mode;
+  int type, depth, bands, xsize, ysize;
+  void* palette;
+  uint8_t** image8;
+  int32_t** image32;
+  char** image;  // row pointers
+  char* block;
+  void* blocks;
+  int pixelsize, linesize;
+};
+struct ModeChars {
+  char name[7];
+};
+
+// The row pointers of `im` if it is laid out as PillowImagingHead<Mode> for an 8-bit image of `width` x `height`
+// pixels of 4 bytes with `bands` channels, else null.
+template <typename Mode>
+char* const* pillow_rows(const void* im, long long width, long long height, int bands) {
+  const auto* head = static_cast<const PillowImagingHead<Mode>*>(im);
+  const bool match = head->xsize == width && head->ysize == height && head->type == 0 && head->bands == bands &&
+                     head->image8 == nullptr && head->image32 != nullptr &&
+                     reinterpret_cast<char**>(head->image32) == head->image && head->pixelsize == 4 &&
+                     head->linesize == 4 * width;
+  return match ? head->image : nullptr;
+}
+
+// Pillow's own pixels of an image held in several memory blocks (where `__arrow_c_array__` refuses it), viewed
+// without a copy: a list of read-only uint8 [rows, width, 3] arrays (strides [4 * width, 4, 1]), one per block, top
+// to bottom, that keep `owner` (the image's core) alive; None unless the struct behind `imaging` (`Image.getim()`)
+// checks out as an RGB/RGBA/RGBX image of that size whose blocks hold equal runs of contiguous rows.
+py::object pillow_block_views(const py::capsule& imaging, const py::object& owner, long long width, long long height,
+                              int bands) {
+  const void* im = imaging.get_pointer();
+  if (im == nullptr || width < 1 || height < 1 || width >= kMaxSide || height >= kMaxSide) return py::none();
+  char* const* rows = pillow_rows<int32_t>(im, width, height, bands);
+  if (rows == nullptr) rows = pillow_rows<ModeChars>(im, width, height, bands);
+  if (rows == nullptr) return py::none();
+  const ptrdiff_t linesize = 4 * width;
+  long long band_rows = 1;
+  while (band_rows < height && rows[band_rows] == rows[0] + band_rows * linesize) ++band_rows;
+  for (long long y = 0; y < height; ++y) {
+    if (rows[y] != rows[y - y % band_rows] + (y % band_rows) * linesize) return py::none();
+  }
+  py::list views;
+  for (long long y = 0; y < height; y += band_rows) {
+    py::array view(py::dtype::of<uint8_t>(), {std::min(band_rows, height - y), width, 3LL},
+                   {static_cast<long long>(linesize), 4LL, 1LL}, reinterpret_cast<const uint8_t*>(rows[y]), owner);
+    view.attr("flags").attr("writeable") = false;
+    views.append(view);
+  }
+  return views;
+}
+
 void check_size(long long v, const char* name) {
   CHECK_ARG(v >= 1 && v < (1 << 24), std::string(name) + " must be in [1, 2**24), got " + std::to_string(v));
 }
@@ -202,6 +260,26 @@ void tile_batch(const std::vector<py::object>& images, const std::vector<std::tu
   grpo_fast::tile_batch(requests, tile_size, mean3, std3, vertical_first_rule, num_threads);
 }
 
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};  // indexed by grpo_fast::Isa
+
+std::string isa_name(grpo_fast::Isa isa) { return kIsaNames[static_cast<int>(isa)]; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (int i = 0; i <= static_cast<int>(grpo_fast::supported_isa()); ++i) names.push_back(kIsaNames[i]);
+  return names;
+}
+
+void set_isa(const std::string& name) {
+  const std::vector<std::string> names = supported_isas();
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (names[i] == name) return grpo_fast::limit_isa(static_cast<grpo_fast::Isa>(i));
+  }
+  std::string listed;
+  for (const std::string& n : names) listed += (listed.empty() ? "" : ", ") + n;
+  throw py::value_error("isa must be one this CPU and OS support (" + listed + "), got '" + name + "'");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_tiling, m) {
@@ -217,8 +295,17 @@ PYBIND11_MODULE(_tiling, m) {
   m.def("pillow_rgb_view", &pillow_rgb_view, py::arg("schema"), py::arg("array"), py::arg("width"), py::arg("height"),
         "Read-only uint8 [height, width, 3] view (strides [4 * width, 4, 1]) of a Pillow image's pixels exported by\n"
         "`image.__arrow_c_array__()` (RGB, RGBA, RGBX modes); keeps the export alive.");
-  m.def("allow_simd", &grpo_fast::allow_simd, py::arg("allowed"),
-        "Testing hook: False makes later calls use the portable scalar kernels instead of the AVX2 ones.");
+  m.def("pillow_block_views", &pillow_block_views, py::arg("imaging"), py::arg("owner"), py::arg("width"),
+        py::arg("height"), py::arg("bands"),
+        "Read-only uint8 [rows, width, 3] views (strides [4 * width, 4, 1]) of each memory block of a Pillow image\n"
+        "(`imaging` = `image.getim()`; RGB, RGBA, RGBX modes, `bands` = 3 or 4) that keep `owner` alive; None when\n"
+        "Pillow's image struct does not check out.");
+  m.def("supported_isas", &supported_isas,
+        "The kernel paths this CPU and OS can run, narrowest first: 'scalar', then 'avx2', then 'avx512'.");
+  m.def("isa", [] { return isa_name(grpo_fast::active_isa()); }, "The kernel path later calls run.");
+  m.def("set_isa", &set_isa, py::arg("isa"),
+        "Testing hook: later calls (on every thread) run the kernel path `isa` ('scalar', 'avx2' or 'avx512'), which\n"
+        "must be one of supported_isas(). Every path gives the same bytes and floats.");
   m.def("tile_batch", &tile_batch, py::arg("images"), py::arg("grids"), py::arg("outputs"), py::arg("tile_size"),
         py::arg("mean"), py::arg("std"), py::arg("vertical_first_rule"), py::arg("num_threads"),
         "Fill outputs[i] (float32 [cols*rows (+1 thumbnail), 3, tile, tile]) with the normalized tiles of images[i]\n"

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace grpo_fast {
@@ -29,7 +30,18 @@ struct AxisPlan {
   int ksize = 0;
   std::vector<int> start, count;
   std::vector<int32_t> coef;  // [out_size, ksize], fixed point 1 << 22 == 1.0
+  // For 16-bit multiply-adds (vpmaddwd, the AVX-512 horizontal pass): each k as the int16 words (k >> 8, k & 255),
+  // and per output 128 * sum(k) + rounding, see avx512::convolve_strip.
+  std::vector<uint32_t> coef_words;  // [out_size, ksize]
+  std::vector<int32_t> bias;         // [out_size]
 };
+
+// k == 256 * (k >> 8) + (k & 255): both words fit an int16 for |k| < 2**23. Pillow's normalized coefficients lie in
+// [-0.125, 1.125] * 2**22: the extremes are the first output of a large upscale, whose cut window holds the weights
+// 0.5625 and -0.0625 (sum 0.5).
+inline uint32_t split_words(int32_t k) {
+  return static_cast<uint16_t>(k >> 8) | static_cast<uint32_t>(k & 255) << 16;
+}
 
 inline double bicubic(double x) {
   // Keys' cubic convolution with a = -0.5, written in Pillow's operation order (bit-identical doubles).
@@ -70,6 +82,13 @@ inline AxisPlan make_plan(int in_size, int out_size) {
     }
     p.start[o] = lo;
     p.count[o] = n;
+  }
+  p.coef_words.resize(p.coef.size());
+  std::transform(p.coef.begin(), p.coef.end(), p.coef_words.begin(), split_words);
+  p.bias.resize(out_size);
+  for (int o = 0; o < out_size; ++o) {
+    const int32_t* k = p.coef.data() + static_cast<size_t>(o) * p.ksize;
+    p.bias[o] = 128 * std::accumulate(k, k + p.count[o], 0) + (1 << (kPrecisionBits - 1));
   }
   return p;
 }
@@ -149,5 +168,21 @@ void convolve_rows(const uint8_t* const* rows, const int32_t* k, int n, size_t l
 void convolve_strip(const uint8_t* strip, int x0, const AxisPlan& plan, int o0, int n_out, uint8_t* out);
 void normalize_row(const uint8_t* src, int n, const float* mean, const float* std, float* dst, size_t plane);
 }  // namespace avx2
+
+// AVX-512 versions (kernels_avx512.cpp), same results. Their strip holds 16 rows, and for each pixel and lane
+// (row, channel) the int32 of int16 words ((p - 128) << 8, p - 128): kWideStripBytes per pixel, 64-byte aligned
+// loads; their convolve_strip writes [n_out][16][3] for their unpack_strip.
+constexpr int kWideStripRows = 16;
+constexpr int kWideStripLanes = kWideStripRows * 3;
+constexpr int kWideStripBytes = kWideStripLanes * 4;
+constexpr int kMaxStripRows = kWideStripRows;
+namespace avx512 {
+void pack_strip(const uint8_t* const* rows, int n, int pixel_stride, uint8_t* strip);
+void unpack_strip(const uint8_t* strip, int n, uint8_t* const* rows);
+void convolve_rows(const uint8_t* const* rows, const int32_t* k, int n, size_t len, uint8_t* dst);
+void convolve_strip(const uint8_t* strip, int x0, const AxisPlan& plan, int o0, int n_out, uint8_t* out);
+// Divides with a corrected reciprocal: equal to scalar::normalize_row only where checked (see kernels_avx512.cpp).
+void normalize_row(const uint8_t* src, int n, const float* mean, const float* std, float* dst, size_t plane);
+}  // namespace avx512
 
 }  // namespace grpo_fast

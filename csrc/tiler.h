@@ -36,8 +36,16 @@ struct TileRequest {
   float* planes = nullptr;
 };
 
-// Testing hook: false makes later calls use the portable scalar kernels instead of AVX2.
-void allow_simd(bool allowed);
+// The kernel paths, narrowest first: portable scalar code, AVX2, AVX-512 (F, BW, VL). Every path gives the same
+// bytes and floats.
+enum class Isa { kScalar, kAvx2, kAvx512 };
+
+// The widest path this CPU and OS support (detected once).
+Isa supported_isa();
+
+// The path later calls run: the supported one, or narrower after `limit_isa` (a testing hook, for all threads).
+Isa active_isa();
+void limit_isa(Isa isa);
 
 // Pillow-exact BICUBIC resize of `image` to uint8 [height][width][3] at `pixels`, on the calling thread.
 // `vertical_first_rule`: Pillow >= 13's pass order (vertical first when the height shrinks much more).

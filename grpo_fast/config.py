@@ -42,6 +42,8 @@ MultiObjectiveAggregation = Literal["sum_then_normalize", "normalize_then_sum"] 
 
 # GRPOConfig.judge_config's fields are the keys judge_<field> (flags --judge-<field>).
 JUDGE_PREFIX = "judge_"
+# The one data folder generated when absent (any other --data must exist).
+DEFAULT_DATA = "data/synthetic"
 # The built-in model presets (grpo_fast.models.policy.PRESETS builds them; a test keeps the two in step).
 MODEL_PRESETS = ("tiny",)
 
@@ -75,9 +77,12 @@ class GRPOConfig:
     max_steps: int = option(100, "GRPO steps (each: rollouts, then num_iterations optimizer updates)", "run")
     # data
     data: str = option(
-        "data/synthetic", "folder with train.jsonl and val.jsonl (synthetic data is generated if absent)", "data"
+        DEFAULT_DATA,
+        f"folder with train.jsonl and val.jsonl (synthetic data is generated when {DEFAULT_DATA}, the default, is "
+        "absent; another folder must exist)",
+        "data",
     )
-    synthetic_items: int = option(2000, "synthetic items to generate when the data folder is absent", "data")
+    synthetic_items: int = option(2000, f"synthetic items to generate when {DEFAULT_DATA} is absent", "data")
     skip_bad_lines: bool = option(False, "skip (and count) bad dataset lines instead of failing", "data")
     # model
     model: str = option(
@@ -95,8 +100,11 @@ class GRPOConfig:
     lora_alpha: int = option(16, "LoRA alpha", "model")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory", "model")
     bf16: bool = option(False, "bf16 autocast (CUDA only; ignored on CPU)", "model")
+    cast_lm_head_to_fp32: bool = option(
+        False, "under --bf16, run the lm_head GEMMs (logits, their gradients) in fp32 rather than bf16", "model"
+    )
     attn_implementation: AttnImplementation = option(
-        "auto", "auto (flash_attention_2 on CUDA when installed, else sdpa), sdpa, eager", "model"
+        "auto", "auto (flash_attention_2 on CUDA under --bf16 when installed, else sdpa), sdpa, eager", "model"
     )
     use_liger: bool = option(False, "apply Liger's model patches (CUDA, liger-kernel installed)", "model")
     # generation
@@ -124,6 +132,13 @@ class GRPOConfig:
         "(GDPO: each function normalized within its groups, the weighted sum over the batch)",
         "reward",
     )
+    max_unscorable_fraction: float = option(
+        0.5,
+        "stop (exit 2, checkpoint saved) when more than this share of a step's completions is unscorable for "
+        "unscorable_patience steps in a row (1: never stop)",
+        "reward",
+    )
+    unscorable_patience: int = option(3, "steps in a row over max_unscorable_fraction before the run stops", "reward")
     # optimisation (TRL names and defaults)
     batch_size: int = option(8, "completions per device per micro-step (a multiple of num_generations)", "optimization")
     gradient_accumulation_steps: int = option(1, "micro-batches per optimizer update", "optimization")
@@ -190,6 +205,12 @@ class GRPOConfig:
     fsdp: bool = option(
         False, "shard parameters, gradients and optimizer state over torchrun processes with FSDP2", "distributed"
     )
+    dist_timeout_s: float = option(
+        1800.0,
+        "seconds a collective waits for the other processes before the run stops with an error (a rank that hangs "
+        "or cannot be reached); longer than rank 0's slowest checkpoint write",
+        "distributed",
+    )
     # the LLM judge's settings, flattened as judge_<field> (see grpo_fast.judge_config.LLMJudgeConfig)
     judge_config: LLMJudgeConfig = field(
         default_factory=LLMJudgeConfig, metadata={"section": "judge", "prefix": JUDGE_PREFIX}
@@ -226,6 +247,7 @@ class GRPOConfig:
             "save_total_limit",
             "eval_batch_size",
             "synthetic_items",
+            "unscorable_patience",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -257,6 +279,8 @@ class GRPOConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.max_unscorable_fraction <= 1:
+            raise ConfigError(f"max_unscorable_fraction must be in [0, 1], got {self.max_unscorable_fraction}")
         if not 0 < self.top_entropy_quantile <= 1:
             raise ConfigError(f"top_entropy_quantile must be in (0, 1], got {self.top_entropy_quantile}")
         for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
@@ -278,14 +302,16 @@ class GRPOConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.name in ("", ".", "..") or "/" in self.name:
             raise ConfigError(f"name must be a plain folder name, got {self.name!r}")
-        if (
-            self.model not in MODEL_PRESETS
-            and not Path(self.model).exists()
-            and (self.model.startswith(("/", ".", "~")) or self.model.count("/") != 1)
-        ):  # not a hub id ("org/name") either
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run and --overwrite replaces it: pass one of them")
+        if Path(self.data) != Path(DEFAULT_DATA) and not Path(self.data).is_dir():
             raise ConfigError(
-                f"model {self.model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing folder"
+                f"data folder {self.data} does not exist (synthetic data is generated only at the default "
+                f"{DEFAULT_DATA}): pass a folder with train.jsonl and val.jsonl"
             )
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        check_model(self.model)
         needs = {
             "tensorboard": self.report_to == "tensorboard",
             "wandb": self.report_to == "wandb",
@@ -419,6 +445,26 @@ def convert(kind: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key} must be {base.__name__}, got {value!r}") from None
 
 
+def check_model(model: str) -> None:
+    """ConfigError unless `model` is a preset name, an existing folder or a hub id ("org/name")."""
+    if (
+        model not in MODEL_PRESETS
+        and not Path(model).exists()
+        and (model.startswith(("/", ".", "~")) or model.count("/") != 1)
+    ):
+        raise ConfigError(f"model {model!r} is neither a preset ({', '.join(MODEL_PRESETS)}) nor an existing folder")
+
+
+def split_judge(values: dict[str, Any]) -> tuple[dict[str, Any], LLMJudgeConfig]:
+    """Flat settings -> (the other keys, the LLMJudgeConfig of the judge_<field> keys); ConfigError from its checks."""
+    judge = {k.removeprefix(JUDGE_PREFIX): v for k, v in values.items() if k.startswith(JUDGE_PREFIX)}
+    rest = {k: v for k, v in values.items() if not k.startswith(JUDGE_PREFIX)}
+    try:
+        return rest, LLMJudgeConfig(**judge)
+    except ValueError as e:  # LLMJudgeConfig's own checks
+        raise ConfigError(str(e)) from None
+
+
 def coerce(key: str, value: Any) -> Any:
     """`value` converted to the type of GRPOConfig key `key` (judge settings as judge_<field>); ConfigError when
     impossible or the key is unknown."""
@@ -428,20 +474,24 @@ def coerce(key: str, value: Any) -> Any:
     return convert(known[key].kind, value, key)
 
 
+def read_config_file(config_file: str | Path) -> dict[str, Any]:
+    """The key: value mapping of a YAML config file (kebab-case keys as snake_case), not yet converted; ConfigError
+    when it is missing or not such a mapping."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value")
+    return {k.replace("-", "_"): v for k, v in loaded.items()}
+
+
 def build_config(overrides: dict[str, Any], config_file: str | Path | None = None) -> GRPOConfig:
     """Dataclass defaults < preset < `config_file` (YAML mapping) < `overrides`; validated."""
-    layers: list[dict[str, Any]] = []
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value")
-        layers.append({k.replace("-", "_"): v for k, v in loaded.items()})
+    layers = [read_config_file(config_file)] if config_file is not None else []
     layers.append(overrides)
     preset = "tiny"
     for layer in layers:
@@ -452,11 +502,8 @@ def build_config(overrides: dict[str, Any], config_file: str | Path | None = Non
     for layer in layers:
         values |= {key: coerce(key, value) for key, value in layer.items()}
     values["preset"] = preset
-    judge = {k.removeprefix(JUDGE_PREFIX): values.pop(k) for k in list(values) if k.startswith(JUDGE_PREFIX)}
-    try:
-        cfg = GRPOConfig(**values, judge_config=LLMJudgeConfig(**judge))
-    except ValueError as e:  # LLMJudgeConfig's own checks
-        raise ConfigError(str(e)) from None
+    values, judge_config = split_judge(values)
+    cfg = GRPOConfig(**values, judge_config=judge_config)
     cfg.validate()
     return cfg
 

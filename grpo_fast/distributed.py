@@ -1,4 +1,4 @@
-"""Data parallelism over torch.distributed (gloo on CPU, nccl on GPU), started by `torchrun`; no-ops alone.
+"""Data parallelism over torch.distributed (gloo on CPU; nccl and gloo on GPU), started by `torchrun`; no-ops alone.
 
 Each rank rolls out its shard of the global batch of prompts; rewards are all-gathered so advantages are computed
 over whole groups and the whole batch (batch-std scaling sees every reward), gradients are summed across ranks
@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import math
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -40,8 +44,17 @@ class DistEnv:
         return self.rank == 0
 
 
-def init() -> DistEnv:
-    """Joins the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a world of one."""
+def process_group_backend(device_type: str) -> str:
+    """The process group's backend for a policy on `device_type`. On CUDA, nccl for the tensors on the GPU
+    (gradients, FSDP2's shards) and gloo for those every step keeps on the CPU (rewards, loss-normaliser counts,
+    metric sums, judge counters): an nccl-only group rejects them ("No backend type associated with device type
+    cpu"). Elsewhere gloo alone."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def init(timeout_s: float | None = None) -> DistEnv:
+    """Joins the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a world of one. `timeout_s`:
+    how long a collective waits for the other ranks before it fails (None: torch's default, 30 minutes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,8 +65,28 @@ def init() -> DistEnv:
     if world == 1:
         return DistEnv(0, 1, device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+        dist.init_process_group(process_group_backend(device.type), timeout=timeout)
     return DistEnv(dist.get_rank(), dist.get_world_size(), device)
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed: another rank died, hung past the process group's timeout, or cannot be reached."""
+
+
+@contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turns the RuntimeError of a failed collective (gloo: "Connection closed by peer", "Timed out ...") into a
+    one-line CollectiveError that names this rank and the way forward."""
+    try:
+        yield
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]  # without gloo's "[file.cc:553] "
+        raise CollectiveError(
+            f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} failed ({detail}): another rank has "
+            "stopped or hangs, see its output; --resume continues from the last checkpoint"
+        ) from e
 
 
 def shutdown() -> None:
@@ -66,7 +99,8 @@ def all_gather_cat(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(env.world)]
-    dist.all_gather(parts, x.contiguous())
+    with _collective("all_gather"):
+        dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
 
@@ -74,7 +108,8 @@ def all_sum(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """The elementwise sum over ranks (a new tensor)."""
     x = x.clone()
     if env.world > 1:
-        dist.all_reduce(x)
+        with _collective("all_reduce"):
+            dist.all_reduce(x)
     return x
 
 
@@ -83,7 +118,8 @@ def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     if env.world == 1:
         return [obj]
     out: list[Any] = [None] * env.world
-    dist.all_gather_object(out, obj)
+    with _collective("all_gather_object"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -96,7 +132,8 @@ def sum_gradients(params: list[torch.nn.Parameter], env: DistEnv) -> None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
+    with _collective("the gradient all_reduce"):
+        dist.all_reduce(flat)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -105,7 +142,8 @@ def sum_gradients(params: list[torch.nn.Parameter], env: DistEnv) -> None:
 
 def barrier(env: DistEnv) -> None:
     if env.world > 1:
-        dist.barrier()
+        with _collective("barrier"):
+            dist.barrier()
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -120,7 +158,9 @@ def shard(model: torch.nn.Module) -> None:
     blocks) is a unit of its own, gathered just for its forward and backward; the root unit holds the rest
     (embeddings, projector, final norm, lm_head: tied weights stay together). The root's forward must wrap every
     use of its weights: log-probs come from the root's hidden states, and `generate` (which runs the vision
-    encoder and embeddings before its first forward) is registered as a forward method of the root.
+    encoder and embeddings before its first forward) and `get_image_features` (a group's image encoded once, before
+    the forward that shares its features: `grpo_fast.models.inputs.image_features`) are registered as forward
+    methods of the root.
     Gradients are summed over ranks, not averaged: the loss is already normalised by global counts."""
     blocks = set(model._no_split_modules or ())
     for module in model.modules():
@@ -128,6 +168,7 @@ def shard(model: torch.nn.Module) -> None:
             fully_shard(module)
     fully_shard(model)
     register_fsdp_forward_method(model, "generate")
+    register_fsdp_forward_method(model, "get_image_features")
     for module in model.modules():
         if isinstance(module, FSDPModule):  # a plain SUM reduce-scatter (gloo has no pre-multiplied sum)
             module.set_gradient_divide_factor(1.0)

@@ -32,7 +32,7 @@ from grpo_fast.models import Policy, load_policy
 from grpo_fast.models.inputs import Batch, collate
 from grpo_fast.rewards.judge import rubric_reward
 from grpo_fast.rewards.rule_judge import RuleJudge
-from grpo_fast.trainer.evaluation import greedy_completions
+from grpo_fast.trainer.evaluation import completion_texts
 
 
 @torch.no_grad()
@@ -59,7 +59,7 @@ def _truth(item: dict[str, Any]) -> tuple[Scene, Target, list[str]]:
 
 
 def greedy_report(policy: Policy, items: list[dict[str, Any]]) -> None:
-    texts = greedy_completions(policy, items, 64, 40)
+    texts = completion_texts(policy, items, batch_size=64, max_new_tokens=40)
     judgments = RuleJudge().judge(items, texts)
     print(f"greedy mean reward {sum(rubric_reward(j) for j in judgments) / len(items):.3f}")
     for level in ("ambig", "unambig"):

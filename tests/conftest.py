@@ -4,11 +4,15 @@ Without a GPU, the Triton kernels are checked under the Triton interpreter, whic
 triton decorates the kernels, i.e. before `grpo_fast.kernels` is imported.
 
 Fixtures: `synthetic_data` (a small generated data folder) and `few_items` (4 of its items), `tiny_policy` (the
-built-in model, to read only), `tiny_run_flags` (flags that make a training run take seconds per step) and
-`stub_judge` (the OpenAI-compatible stub server and the flags that point `--judge llm` at it).
+built-in model, to read only) and `tiny_model_dir` (it, saved as a folder), `tiny_run_flags` (flags that make a training run take seconds per step),
+`train_process` (`python -m grpo_fast.train` as a subprocess, alone or under torchrun) and `stub_judge` (the
+OpenAI-compatible stub server and the flags that point `--judge llm` at it).
 """
 
 import os
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -46,6 +50,14 @@ def tiny_policy():
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir(tiny_policy, tmp_path_factory):
+    """`tiny_policy` saved as a model folder: `--model` it to skip the preset's tokenizer training and warm start."""
+    folder = tmp_path_factory.mktemp("tiny-model")
+    tiny_policy.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_run_flags() -> tuple[str, ...]:
     """`grpo_fast.train` flags for seconds per step: 2 prompts x G=4, completions of at most 8 tokens, 4 eval items."""
     return (
@@ -60,6 +72,30 @@ def tiny_run_flags() -> tuple[str, ...]:
         "--learning-rate",
         "1e-3",
     )
+
+
+@pytest.fixture(scope="session")
+def train_process():
+    """Runs `python -m grpo_fast.train *args` (under torchrun when nproc > 1) with `env` added to the environment, in
+    a session of its own (a hang past `timeout` kills every rank, then fails the test); returns the
+    CompletedProcess (stdout and stderr as text)."""
+
+    def run(*args: str, nproc: int = 1, env: dict[str, str] | None = None, timeout: float = 300):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+        cmd = [*(launcher if nproc > 1 else [sys.executable]), "-m", "grpo_fast.train", *args]
+        environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            pytest.fail(f"{' '.join(cmd)} still ran after {timeout} s")
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+    return run
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The GRPO math: public ops, each with a Triton, a chunked PyTorch and a plain reference implementation.
 
-Dispatch (see `backend`): CUDA tensors -> Triton, CPU tensors -> chunked PyTorch;
-`GRPO_FAST_BACKEND=triton|torch|reference` forces one.
+Dispatch (see `backend`): CUDA tensors -> Triton (chunked PyTorch where triton is not installed), CPU tensors ->
+chunked PyTorch; `GRPO_FAST_BACKEND=triton|torch|reference` forces one. Importing the package never imports triton.
 """
 
 from grpo_fast.kernels.advantages import group_advantages

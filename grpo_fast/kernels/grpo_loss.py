@@ -221,7 +221,7 @@ def plan_loss(
     liw_seq = v = None
     if o.importance_sampling_level == "sequence":
         u = wp.sum(-1, keepdim=True) * per_seq
-        liw_seq = torch.zeros(b, 1) if log_ratio is None else (
+        liw_seq = mask.new_zeros(b, 1) if log_ratio is None else (
             (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0))
         if o.use_bias_correction_kl and o.beta != 0.0 and ref_logp is not None:
             diff = ref_logp.float() - sequence_logp.float()

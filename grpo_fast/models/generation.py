@@ -7,6 +7,12 @@ Sampling: `SeededSampler` is a logits processor that applies temperature, top-k 
 per row by inverse-CDF sampling with the row's own generator, and returns logits with all the mass on that token;
 generate runs greedy (argmax) on top of it, so it picks exactly the drawn token. A row's completion then depends
 only on its seed, not on which rows share its batch or its process.
+
+Groups (a batch of `collate(..., repeats=G)`): each image is encoded once. InternVL prompts are also prefilled once
+per group: the KV cache of the prompt but its last token is computed for one row and repeated for the G rows, then
+generate runs each row's last prompt token and decodes, as after prefilling every row itself (the same positions
+and masks, so the same tokens up to float rounding). Qwen-VL keeps generate's own prefill of every row (its 3-D
+positions are derived inside generate), with the shared image features.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
-from grpo_fast.models.inputs import Batch
+from grpo_fast.models.inputs import Batch, group_size, image_features, prefill_groups
 
 
 class SeededSampler(LogitsProcessor):
@@ -84,8 +90,14 @@ def generate_completions(
         use_cache=True,
     )
     param = next(model.parameters())
-    inputs = {k: v.to(param.device) for k, v in batch.prompt_inputs().items()}
-    inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    shared = batch.image_index is not None
+    inputs: dict = {k: v.to(param.device) for k, v in batch.prompt_inputs(pixels=not shared).items()}
+    if not shared:
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+    elif batch.image_grid_thw is None and (group := group_size(batch)) > 1:
+        inputs["cache"] = prefill_groups(model, batch, group, width=batch.prompt_ids.shape[1] - 1).cache
+    else:
+        inputs["mm_encoder_outputs"] = {"image": image_features(model, batch)}
     out = model.generate(
         **inputs,
         generation_config=config,

@@ -44,7 +44,10 @@ class Judge(Protocol):
 
     `items` are the dataset rows (dicts with at least "question", "level" and "image"; synthetic rows also
     carry the scene's ground truth). Returns one Judgment, or None for an unscorable completion, per input.
+    `required_fields` names the fields an item needs to be scored at all.
     """
+
+    required_fields: tuple[str, ...]
 
     def judge(self, items: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[Judgment | None]: ...
 

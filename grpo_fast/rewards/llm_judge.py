@@ -5,12 +5,13 @@ Each completion costs two requests, as the rubric has two parts (docs/design.md,
 the image as a base64 data URL -> `<verdict>PASS|FAIL</verdict>`). A batch is judged concurrently with at most
 `max_in_flight` requests open while the caller waits once; identical requests in a batch are sent once.
 
-Faults: every request has a timeout; timeouts, connection errors, 408/409/429 and 5xx are retried with
-exponential backoff and jitter (429 waits what Retry-After says); other 4xx (a wrong key, model or URL) raise
-`JudgeRequestError`, which stops the run rather than train on zeros. A reply without a valid score or verdict
-is asked once more, then the completion is unscorable (None -> advantage 0). A request still failing after
-`max_retries` makes its completion unscorable too, but a batch whose every request failed raises
-`JudgeUnavailableError`: the endpoint is down, and a run must not go on with no reward signal.
+Faults: every request has a timeout; timeouts, connection errors, 408/409/429, 5xx and 200s whose body is not
+the API's JSON (a proxy's page, a cut reply) are retried with exponential backoff and jitter (429 waits what
+Retry-After says); other 4xx (a wrong key, model or URL) raise `JudgeRequestError`, which stops the run rather
+than train on zeros. A reply without a valid score or verdict is asked once more, then the completion is
+unscorable (None -> advantage 0). A request still failing after `max_retries` makes its completion unscorable
+too, but a batch whose every request failed raises `JudgeUnavailableError`: the endpoint is down, and a run must
+not go on with no reward signal. Each batch with unscorable completions logs one warning.
 
 Verdicts are cached in SQLite (`cache_path`) keyed by model, rendered prompt (template, level, question,
 answer) and image hash, so a resumed or repeated run does not pay twice.
@@ -37,11 +38,9 @@ from importlib import resources
 from typing import Any, Literal, Self
 
 import openai
-from openai.types.chat import ChatCompletion
-from openai.types.responses import Response
 from PIL import Image
 
-from grpo_fast.judge_config import LLMJudgeConfig
+from grpo_fast.judge_config import JudgeApi, LLMJudgeConfig
 from grpo_fast.rewards.judge import Judgment
 from grpo_fast.rewards.judge_cache import JudgeCache, cache_key
 
@@ -75,8 +74,9 @@ class JudgeStats:
     completions: int = 0  # completions judged
     cache_hits: int = 0  # verdicts read from the cache instead of asked
     requests: int = 0  # HTTP requests sent, retries and re-asks included
-    retries: int = 0  # re-sends after a timeout, connection error, 408/409/429 or 5xx
+    retries: int = 0  # re-sends after a timeout, connection error, 408/409/429, 5xx or malformed body
     failures: int = 0  # requests given up after max_retries
+    unparsed: int = 0  # replies without a valid score or verdict (the re-asks' included)
     reasks: int = 0  # replies without a valid score or verdict, asked once more
     unscorable: int = 0  # completions judged None
 
@@ -158,6 +158,22 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+class MalformedReply(Exception):
+    """A 200 whose body is not the API's JSON (a proxy's error page, a reply cut short): retried."""
+
+
+def reply_text(body: Any, api: JudgeApi) -> str:
+    """The reply's text in a decoded Chat Completions or Responses body ("" when it holds none); MalformedReply
+    when `body` is neither."""
+    try:
+        if api == "responses":  # what the client's `Response.output_text` joins
+            parts = [part for item in body["output"] if item["type"] == "message" for part in item["content"]]
+            return "".join(part.get("text") or "" for part in parts if part["type"] == "output_text")
+        return (body["choices"][0]["message"]["content"] or "") if body["choices"] else ""
+    except (KeyError, IndexError, TypeError) as e:
+        raise MalformedReply(f"not a {api} reply: {str(body)[:80]!r}") from e
+
+
 def backoff_s(retry: int, base_s: float, max_s: float) -> float:
     """Exponential backoff with "equal jitter": half the doubled delay fixed, half uniform random."""
     delay = min(base_s * 2**retry, max_s)
@@ -184,6 +200,8 @@ class LLMJudge:
     every verdict is in. Call `close()` (or use `with`) to release the connections and the cache.
     """
 
+    required_fields = ("image", "question", "level")  # what an item needs to be scored
+
     def __init__(self, config: LLMJudgeConfig) -> None:
         if not config.model:
             raise ValueError("the LLM judge needs a model name: pass --judge-model NAME")
@@ -204,6 +222,8 @@ class LLMJudge:
         self._runner: asyncio.Runner | None = None
         self.last_stats = JudgeStats()  # the latest batch
         self.total_stats = JudgeStats()  # everything since construction
+        self._unreported = JudgeStats()  # since the latest metrics() call
+        self._last_unparsed = ""  # the latest reply without a valid score or verdict, for the batch's warning
 
     def judge(self, items: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[Judgment | None]:
         """One Judgment per completion, or None where the judge's reply never parsed or the requests failed."""
@@ -214,8 +234,9 @@ class LLMJudge:
         return self._runner.run(self._judge_batch(items, completions))
 
     def metrics(self) -> dict[str, float]:
-        """The latest batch's counters as `judge/<name>` metrics."""
-        return self.last_stats.as_metrics()
+        """The counters since the previous call (every batch: training and evaluation) as `judge/<name>` metrics."""
+        unreported, self._unreported = self._unreported, JudgeStats()
+        return unreported.as_metrics()
 
     def close(self) -> None:
         if self._runner is not None:
@@ -236,7 +257,7 @@ class LLMJudge:
         images: dict[Any, tuple[str, str]] = {}
         pairs = []
         for i, (item, completion) in enumerate(zip(items, completions)):
-            missing = {"question", "level", "image"} - item.keys()
+            missing = set(self.required_fields) - item.keys()
             if missing:
                 raise ValueError(f"item {i} lacks {sorted(missing)}")
             if item["level"] not in LEVEL_WORDS:
@@ -263,14 +284,27 @@ class LLMJudge:
         stats = self.last_stats = JudgeStats(completions=len(completions))
         try:
             verdicts = await self._verdicts({request.key: request for pair in pairs for request in pair}, stats)
-        finally:
-            self.total_stats.add(stats)
+        finally:  # a batch that raised has sent requests too
+            for counters in (self.total_stats, self._unreported):
+                counters.add(stats)
         judgments = []
         for strategy, factual in pairs:
             score, passed = verdicts.get(strategy.key), verdicts.get(factual.key)
             judgments.append(None if score is None or passed is None else Judgment(score, passed))
         stats.unscorable = judgments.count(None)
-        self.total_stats.unscorable += stats.unscorable
+        for counters in (self.total_stats, self._unreported):
+            counters.unscorable += stats.unscorable
+        if stats.unscorable:
+            logger.warning(
+                "LLM judge: %d of %d completions unscorable (%d requests failed after %d retries; %d replies "
+                "without a valid score or verdict, the latest %r)",
+                stats.unscorable,
+                stats.completions,
+                stats.failures,
+                self.config.max_retries,
+                stats.unparsed,
+                self._last_unparsed[:200],
+            )
         return judgments
 
     async def _verdicts(self, requests: dict[str, _Request], stats: JudgeStats) -> dict[str, int | bool]:
@@ -307,10 +341,12 @@ class LLMJudge:
             verdict = PARSERS[request.kind](reply)
             if verdict is not None:
                 return verdict
+            stats.unparsed += 1
+            self._last_unparsed = reply
             if attempt == 0:
                 stats.reasks += 1
                 logger.debug("unparseable %s reply %r: asking again", request.kind, reply[:200])
-        logger.warning("judge reply without a valid %s twice (last %r): unscorable", request.kind, reply[:200])
+        logger.debug("judge reply without a valid %s twice (last %r): unscorable", request.kind, reply[:200])
         return None
 
     async def _send_with_retries(self, request: _Request, stats: JudgeStats) -> str | _Failed:
@@ -323,6 +359,8 @@ class LLMJudge:
                     return await self._send(request)
             except openai.APIConnectionError as e:  # timeouts included (APITimeoutError is a subclass)
                 reason, after = f"{type(e).__name__}: {e}", None
+            except MalformedReply as e:
+                reason, after = f"malformed reply: {e}", None
             except openai.APIStatusError as e:
                 if e.status_code not in RETRYABLE_STATUS and e.status_code < 500:
                     raise self._fatal(e) from e
@@ -330,7 +368,7 @@ class LLMJudge:
                 after = retry_after_s(e.response.headers) if e.status_code == 429 else None
             if retry == cfg.max_retries:
                 stats.failures += 1
-                logger.warning("judge request failed after %d retries: %s", cfg.max_retries, reason)
+                logger.debug("judge request failed after %d retries: %s", cfg.max_retries, reason)
                 return _Failed(reason)
             delay = backoff_s(retry, cfg.backoff_base_s, cfg.backoff_max_s) if after is None else after
             retry += 1
@@ -339,11 +377,13 @@ class LLMJudge:
             await asyncio.sleep(min(delay, cfg.backoff_max_s))
 
     async def _send(self, request: _Request) -> str:
-        """One request through the configured API; the reply's text ("" if it has none).
+        """One request through the configured API; the reply's text ("" if it has none); MalformedReply when the
+        body is not the API's JSON.
 
         The body is plain JSON built here, so it goes through the client's `post` (same auth, URL, timeout and
         error types as `chat.completions.create`) without the typed-params transform, which walks every content
         part: about 30% of the client's CPU per request, which bounds throughput against a fast local endpoint.
+        The reply comes back decoded but untyped (`cast_to=object`) and `reply_text` reads it.
         """
         cfg = self.config
         body: dict[str, Any] = {"model": cfg.model}
@@ -355,15 +395,18 @@ class LLMJudge:
                 content = [{"type": "input_text", "text": request.prompt}]
                 content.append({"type": "input_image", "image_url": request.image_url})
             body["input"] = [{"role": "user", "content": content}]
-            response = await self._client.post("/responses", body=body, cast_to=Response)
-            return response.output_text or ""
-        content = request.prompt  # text-only requests as a plain string: some local servers take nothing else
-        if request.image_url:
-            content = [{"type": "text", "text": request.prompt}]
-            content.append({"type": "image_url", "image_url": {"url": request.image_url}})
-        body["messages"] = [{"role": "user", "content": content}]
-        completion = await self._client.post("/chat/completions", body=body, cast_to=ChatCompletion)
-        return (completion.choices[0].message.content or "") if completion.choices else ""
+        else:
+            content = request.prompt  # text-only requests as a plain string: some local servers take nothing else
+            if request.image_url:
+                content = [{"type": "text", "text": request.prompt}]
+                content.append({"type": "image_url", "image_url": {"url": request.image_url}})
+            body["messages"] = [{"role": "user", "content": content}]
+        route = "/responses" if cfg.api == "responses" else "/chat/completions"
+        try:
+            reply = await self._client.post(route, body=body, cast_to=object)
+        except json.JSONDecodeError as e:
+            raise MalformedReply(f"invalid JSON ({e})") from e
+        return reply_text(reply, cfg.api)
 
     def _fatal(self, error: openai.APIStatusError) -> JudgeRequestError:
         hint = FATAL_HINTS.get(error.status_code, "").format(env="$" + self.config.api_key_env)

@@ -139,6 +139,8 @@ def strategy_score(text: str, level: str, scene: Scene, target: Target) -> int:
 class RuleJudge:
     """Scores completions by rules against the items' ground truth (`scene`, `target`); see the module doc."""
 
+    required_fields = ("level", "scene", "target")  # what an item needs to be scored
+
     def judge(self, items: Sequence[dict[str, Any]], completions: Sequence[str]) -> list[Judgment | None]:
         if len(items) != len(completions):
             raise ValueError(f"got {len(items)} items for {len(completions)} completions")

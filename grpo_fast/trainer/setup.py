@@ -5,32 +5,33 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from grpo_fast.config import MODEL_PRESETS, ConfigError, GRPOConfig
+from grpo_fast.config import DEFAULT_DATA, MODEL_PRESETS, ConfigError, GRPOConfig, JudgeKind
 from grpo_fast.data.splits import load_splits
 from grpo_fast.data.synthetic import write_dataset
 from grpo_fast.distributed import DistEnv, barrier, shard
 from grpo_fast.models.policy import Policy, load_policy
 from grpo_fast.rewards.judge import Judge
-from grpo_fast.rewards.llm_judge import LLMJudge
+from grpo_fast.rewards.llm_judge import LLMJudge, LLMJudgeConfig
 from grpo_fast.rewards.rule_judge import RuleJudge
 from grpo_fast.sft import SFTConfig
 from grpo_fast.sft import train as train_sft
+from grpo_fast.trainer.precision import has_flash_attn, resolve_precision
 
 # Projections LoRA adapts: attention and MLP of Qwen2/Llama-style decoders (docs/design.md, "Reference settings").
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def load_data(cfg: GRPOConfig, env: DistEnv) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(train, val) items; generates the synthetic data first when the data folder does not exist."""
+    """(train, val) items; generates the synthetic data first when the data folder is the default and does not
+    exist (another folder must exist: GRPOConfig.validate)."""
     folder = Path(cfg.data)
-    if not folder.exists():
+    if not folder.exists() and folder == Path(DEFAULT_DATA):
         if env.is_main:
             print(f"generating {cfg.synthetic_items} synthetic items in {folder}")
             write_dataset(folder, cfg.synthetic_items, cfg.seed)
@@ -68,13 +69,6 @@ def warm_start(cfg: GRPOConfig, env: DistEnv) -> str:
     return str(out / "checkpoint")
 
 
-def _attn_implementation(cfg: GRPOConfig, env: DistEnv) -> str:
-    if cfg.attn_implementation != "auto":
-        return cfg.attn_implementation
-    has_flash = importlib.util.find_spec("flash_attn") is not None
-    return "flash_attention_2" if env.device.type == "cuda" and has_flash else "sdpa"
-
-
 def _apply_lora(model: torch.nn.Module, cfg: GRPOConfig) -> torch.nn.Module:
     try:
         from peft import LoraConfig, get_peft_model
@@ -108,7 +102,9 @@ def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, to
     except ValueError as e:
         raise ConfigError(str(e)) from None
     model = policy.model
-    model.set_attn_implementation(_attn_implementation(cfg, env))
+    precision = resolve_precision(env.device.type, cfg.bf16, has_flash_attn(), cfg.attn_implementation,
+                                  cfg.cast_lm_head_to_fp32)
+    model.set_attn_implementation(precision.attn_implementation)
     if cfg.use_liger:
         _apply_liger(model, env)
     ref = None
@@ -128,10 +124,11 @@ def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, to
     return policy, ref
 
 
-def build_judge(cfg: GRPOConfig) -> Judge:
-    if cfg.judge == "rule":
+def build_judge(kind: JudgeKind, config: LLMJudgeConfig) -> Judge:
+    """The rule judge, or the LLM judge with `config`; ConfigError on bad settings (no model name, no API key)."""
+    if kind == "rule":
         return RuleJudge()
     try:
-        return LLMJudge(cfg.judge_config)
+        return LLMJudge(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None

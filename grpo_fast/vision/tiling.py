@@ -8,6 +8,7 @@ straight into the output tensor, on native threads with the GIL released.
 import os
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -60,9 +61,30 @@ def pillow_resize(image: Image.Image | np.ndarray, width: int, height: int) -> n
     return _tiling.resize(_pixels(image), int(width), int(height), vertical_first_rule())
 
 
-def allow_simd(allowed: bool) -> None:
-    """Testing hook: False makes later calls run the portable scalar kernels instead of the AVX2 ones."""
-    _tiling.allow_simd(bool(allowed))
+Isa = Literal["scalar", "avx2", "avx512"]
+
+
+def supported_isas() -> tuple[Isa, ...]:
+    """The kernel paths this CPU and OS can run, narrowest first: "scalar", then "avx2", then "avx512" (AVX-512
+    F/BW/VL with the OS saving zmm state)."""
+    return tuple(_tiling.supported_isas())
+
+
+def isa() -> Isa:
+    """The kernel path later calls run: the widest supported one unless `allow_simd` narrowed it."""
+    return _tiling.isa()
+
+
+def allow_simd(level: bool | Isa = True) -> None:
+    """Testing hook: which kernels later calls run, on every thread. True: the widest this CPU supports (the
+    default); False: the portable scalar ones; "scalar", "avx2" or "avx512": that path, ValueError unless it is in
+    `supported_isas()`. Every path gives the same bytes and floats."""
+    if level is True or level is False:
+        _tiling.set_isa(supported_isas()[-1] if level else "scalar")
+    elif level in get_args(Isa):
+        _tiling.set_isa(level)
+    else:
+        raise ValueError(f"level must be True, False or one of {get_args(Isa)}, got {level!r}")
 
 
 # Pillow stores these modes as 4 bytes per pixel, R, G, B first; their RGB is what `.convert("RGB")` gives.
@@ -82,19 +104,24 @@ def _pillow_view(image: Image.Image) -> np.ndarray | None:
 def _pixels(image: Image.Image | np.ndarray) -> list[np.ndarray]:
     """The image's RGB pixels as row bands, top to bottom, of uint8 [h, W, 3] arrays whose pixels are 3 or 4 bytes
     apart and channels 1 (row stride free). No copy for such numpy arrays (an RGBA array's `[..., :3]` too) nor for
-    Pillow images in one memory block; a Pillow image too large for one block (16 MiB by default, e.g. 4000x3000) is
-    cropped into bands that each fit one (a memcpy per row), ~10x faster than the 3-byte copy `np.asarray` makes."""
+    Pillow images: one view of a single memory block through Pillow's Arrow export, or one view per block of an
+    image too large for one (16 MiB by default, e.g. 4000x3000). Should Pillow's image struct not check out, such an
+    image is cropped into bands that each fit one block (a memcpy per row)."""
     arrow = hasattr(Image.Image, "__arrow_c_array__")  # Pillow >= 11.2; older ones take the copy below
     if arrow and isinstance(image, Image.Image) and image.mode in _FOUR_BYTE_RGB_MODES and image.width and image.height:
         decode(image)  # first: a decoding error must not pass for the ValueError of an image in several blocks
         whole = _pillow_view(image)
         if whole is not None:
             return [whole]
+        bands = 3 if image.mode == "RGB" else 4
+        blocks = _tiling.pillow_block_views(image.getim(), image.im, image.width, image.height, bands)
+        if blocks is not None:
+            return blocks
         band_rows = max(1, Image.core.get_block_size() // (4 * image.width))
         boxes = [(0, y, image.width, min(y + band_rows, image.height)) for y in range(0, image.height, band_rows)]
-        bands = [_pillow_view(image.crop(box)) for box in boxes]
-        if all(band is not None for band in bands):
-            return bands
+        crops = [_pillow_view(image.crop(box)) for box in boxes]
+        if all(crop is not None for crop in crops):
+            return crops
     array = np.asarray(to_rgb(image))
     if array.strides[2] != 1 or (array.shape[1] > 1 and array.strides[1] not in (3, 4)):
         array = np.ascontiguousarray(array)

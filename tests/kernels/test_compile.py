@@ -21,6 +21,8 @@ def _compile_report() -> dict:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated to silence its warning
     done = subprocess.run([sys.executable, "-m", "tests.kernels.compile_kernels", "--arch", *map(str, ARCHS)],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=600)
+    if done.returncode == 77:
+        pytest.skip(done.stderr.strip())
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from grpo_fast.kernels import default_chunk_rows, fused_linear_grpo_loss, fused_linear_logprobs, use_backend
-from tests.kernels.utils import BACKENDS, DTYPES, assert_close_to_ref
+from tests.kernels.utils import BACKENDS, DTYPES, assert_close_to_ref, generator
 
 
 def _inputs(b, t, d, v, dtype, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     hidden = torch.randn(b, t, d, generator=g)
     weight = torch.randn(v, d, generator=g) / d**0.5 * 3
     return {
@@ -39,9 +39,10 @@ def _grads(backend, fn, tensors, **kwargs):
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("b, t, d, v, chunk", [(3, 47, 31, 123, 16), (2, 3, 8, 151_936, 4), (1, 1, 16, 1003, None)])
 @pytest.mark.parametrize("temperature, return_entropy", [(1.0, False), (0.7, True)])
-def test_logprobs_match_reference(backend, dtype, atol, b, t, d, v, chunk, temperature, return_entropy):
+def test_logprobs_match_reference(device, backend, dtype, atol, b, t, d, v, chunk, temperature,
+                                  return_entropy):
     tensors = _inputs(b, t, d, v, dtype)
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     grad_logp, grad_ent = torch.randn(b, t, generator=g, dtype=torch.float64), torch.randn(b, t, generator=g)
 
     def run(backend, tensors):
@@ -70,10 +71,10 @@ LOSS_CASES = list(itertools.product(("grpo", "bnpo", "dapo", "dr_grpo"), ("token
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss_type, level, beta, with_old", LOSS_CASES)
-def test_grpo_loss_matches_reference(backend, loss_type, level, beta, with_old):
+def test_grpo_loss_matches_reference(device, backend, loss_type, level, beta, with_old):
     b, t, d, v = 4, 9, 12, 257
     tensors = _inputs(b, t, d, v, torch.float32)
-    g = torch.Generator().manual_seed(2)
+    g = generator(2)
     mask = torch.rand(b, t, generator=g) > 0.3
     mask[1] = False  # an all-masked sequence
     mask[2, :4] = True
@@ -107,7 +108,7 @@ def test_grpo_loss_matches_reference(backend, loss_type, level, beta, with_old):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grpo_loss_bf16_within_torch_error(backend):
+def test_grpo_loss_bf16_within_torch_error(device, backend):
     tensors = _inputs(2, 5, 16, 1003, torch.bfloat16, bias=False)
     mask = torch.ones(2, 5, dtype=torch.bool)
     kwargs = {"old_logp": None, "ref_logp": None, "advantages": torch.tensor([1.0, -0.5]), "mask": mask,
@@ -128,7 +129,7 @@ def test_grpo_loss_bf16_within_torch_error(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_frozen_lm_head_gets_no_gradient(backend):
+def test_frozen_lm_head_gets_no_gradient(device, backend):
     # LoRA training keeps lm_head frozen: only d hidden is computed
     tensors = _inputs(2, 3, 8, 50, torch.float32, bias=False)
     hidden = tensors["hidden"].clone().requires_grad_()
@@ -141,7 +142,7 @@ def test_frozen_lm_head_gets_no_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_scaled_by_incoming_gradient(backend):
+def test_loss_scaled_by_incoming_gradient(device, backend):
     tensors = _inputs(2, 3, 8, 50, torch.float32, bias=False)
     grads = []
     for scale in (1.0, 0.25):
@@ -155,7 +156,7 @@ def test_loss_scaled_by_incoming_gradient(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_vocab_entries(backend):
+def test_masked_vocab_entries(device, backend):
     # a -inf bias bans tokens (as a vocabulary mask would): log-probs, entropy and gradients stay finite
     tensors = _inputs(2, 3, 8, 50, torch.float32)
     tensors["bias"][::3] = -float("inf")

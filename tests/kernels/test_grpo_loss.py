@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo_fast.kernels import grpo_loss, reference, use_backend
-from tests.kernels.utils import BACKENDS
+from tests.kernels.utils import BACKENDS, generator
 
 ALL_BACKENDS = (*BACKENDS, "reference")
 
@@ -44,7 +44,7 @@ def _one_token(backend, ratio, adv, **kwargs):
         (3.0, -1.0, None, 3.0, 3.0, 0.0, 0.0),
     ],
 )
-def test_clipping_by_hand(backend, ratio, adv, delta, loss, grad, low, high):
+def test_clipping_by_hand(device, backend, ratio, adv, delta, loss, grad, low, high):
     value, d_logp, metrics = _one_token(backend, ratio, adv, delta=delta)
     assert value == pytest.approx(loss, abs=1e-5)
     assert d_logp == pytest.approx(grad, abs=1e-5)
@@ -54,14 +54,14 @@ def test_clipping_by_hand(backend, ratio, adv, delta, loss, grad, low, high):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_epsilon_high_widens_the_upper_clip(backend):
+def test_epsilon_high_widens_the_upper_clip(device, backend):
     # r = 1.25 with eps_low 0.2: clipped at 1.2 by default (loss -1.2), inside with epsilon_high 0.28 (loss -1.25)
     assert _one_token(backend, 1.25, 1.0)[0] == pytest.approx(-1.2, abs=1e-5)
     assert _one_token(backend, 1.25, 1.0, epsilon_high=0.28)[0] == pytest.approx(-1.25, abs=1e-5)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_kl_by_hand(backend):
+def test_kl_by_hand(device, backend):
     logp = torch.tensor([[-2.0, -1.0]], requires_grad=True)
     adv, mask = torch.tensor([0.0]), torch.ones(1, 2)
     with use_backend(backend):
@@ -90,7 +90,7 @@ def test_kl_by_hand(backend):
         ("dr_grpo", (-1 - 1 - 2) / (2 * 4)),  # sum / (B * max_completion_length)
     ],
 )
-def test_loss_type_normalizers_by_hand(backend, loss_type, expected):
+def test_loss_type_normalizers_by_hand(device, backend, loss_type, expected):
     # on-policy (ratio 1): each valid token contributes -A; sequence 0 has 2 valid tokens (A=1), sequence 1 one (A=2)
     logp = torch.full((2, 3), -1.0, requires_grad=True)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
@@ -139,7 +139,7 @@ def test_reference_aggregation_broadcasts_a_value_per_sequence(loss_type, expect
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_sequence_level_ratio_by_hand(backend):
+def test_sequence_level_ratio_by_hand(device, backend):
     # log-ratios [log 2, 0] -> sequence log-ratio log(2)/2 -> r = sqrt(2) = 1.414 for both tokens, A = 1
     logp = torch.tensor([[-1.0, -1.0]], requires_grad=True)
     old = logp.detach() - torch.tensor([[math.log(2.0), 0.0]])
@@ -156,7 +156,7 @@ def test_sequence_level_ratio_by_hand(backend):
 
 
 def _random_case(b=4, t=7, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     logp = -torch.rand(b, t, generator=g) * 3
     mask = torch.rand(b, t, generator=g) > 0.25
     mask[0] = False  # a fully masked sequence
@@ -173,7 +173,7 @@ def _random_case(b=4, t=7, seed=0):
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("beta, with_old, delta", [(0.0, False, None), (0.04, True, None), (0.04, True, 1.3)])
-def test_matches_reference(backend, loss_type, level, beta, with_old, delta):
+def test_matches_reference(device, backend, loss_type, level, beta, with_old, delta):
     case = _random_case()
     results = []
     for be in (backend, "reference"):
@@ -222,7 +222,7 @@ def _trl_loss(case, old, loss_type, level, beta, epsilon_high, delta, max_len):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dapo", "dr_grpo"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-def test_parity_with_trl(backend, loss_type, level):
+def test_parity_with_trl(device, backend, loss_type, level):
     case = _random_case(seed=3)
     case["mask"][0, 0] = True  # TRL's per-sequence clip logging divides by each sequence's length
     kw = {"beta": 0.04, "epsilon_high": 0.28, "delta": 1.5}

@@ -28,6 +28,12 @@ ALL_BACKENDS = ("triton", "torch", "reference")
 H, W, T = torch.randn(2, 3, 4), torch.randn(11, 4), torch.randint(0, 11, (2, 3))
 
 
+def _module_tensors_to(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> None:
+    """H, W, T (read by the calls below when they run) on the test's device."""
+    for name in ("H", "W", "T"):
+        monkeypatch.setitem(globals(), name, globals()[name].to(device))
+
+
 @pytest.mark.parametrize("be", ALL_BACKENDS)
 @pytest.mark.parametrize(
     "call, match",
@@ -71,13 +77,15 @@ H, W, T = torch.randn(2, 3, 4), torch.randn(11, 4), torch.randint(0, 11, (2, 3))
          "loss_type"),
     ],
 )
-def test_bad_input_names_the_argument(be, call, match):
+def test_bad_input_names_the_argument(device, monkeypatch, be, call, match):
+    _module_tensors_to(device, monkeypatch)
     with use_backend(be), pytest.raises(ValueError, match=match):
         call()
 
 
 @pytest.mark.parametrize("be", ["triton", "torch"])
-def test_bad_chunk_size(be):
+def test_bad_chunk_size(device, monkeypatch, be):
+    _module_tensors_to(device, monkeypatch)
     with use_backend(be), pytest.raises(ValueError, match="chunk_size must be a positive"):
         fused_linear_logprobs(H, W, T, chunk_size=0)
 

@@ -19,7 +19,7 @@ def _run(backend: str | None, logits: torch.Tensor, targets: torch.Tensor, tempe
 @pytest.mark.parametrize("dtype, atol", DTYPES)
 @pytest.mark.parametrize("shape, vocab", [((3, 47), 123), ((1, 1), 1003), ((2, 3), 151_936), ((5,), 4099)])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_matches_reference(backend, dtype, atol, shape, vocab, temperature):
+def test_matches_reference(device, backend, dtype, atol, shape, vocab, temperature):
     torch.manual_seed(0)
     logits32 = torch.randn(*shape, vocab) * 4
     targets = torch.randint(0, vocab, shape)
@@ -34,7 +34,7 @@ def test_matches_reference(backend, dtype, atol, shape, vocab, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_large_logits_and_masked_vocab_stay_finite(backend):
+def test_large_logits_and_masked_vocab_stay_finite(device, backend):
     # a row with a huge logit (naive exp overflows) and a -inf logit (a banned token): logp stays exact
     logits = torch.tensor([[1000.0, 0.0, -float("inf"), 999.0]])
     targets = torch.tensor([3])

@@ -15,11 +15,10 @@ DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU-only comparison: needs a CUDA GPU")
 
 
-def on_device(*tensors: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor | None, ...] | None:
-    """Tensors drawn on CPU (from a seeded `torch.Generator`, which is CPU-only) moved to the test's device, the
-    default device that the `device` fixture sets."""
-    moved = tuple(None if t is None else t.to(torch.get_default_device()) for t in tensors)
-    return moved[0] if len(moved) == 1 else moved
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the test's device (the default device that the `device` fixture sets): draws land
+    there. CPU and CUDA draw different numbers from one seed, which the comparisons here do not depend on."""
+    return torch.Generator(torch.get_default_device()).manual_seed(seed)
 
 
 def use_gpu_blocks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import random
 import re
 import socket
 import time
@@ -14,7 +16,7 @@ from PIL import Image
 
 from grpo_fast.rewards import JudgeReward, Judgment
 from grpo_fast.rewards.llm_judge import JudgeRequestError, JudgeUnavailableError, LLMJudge, LLMJudgeConfig
-from grpo_fast.rewards.stub_server import StubReply, StubRequest, StubServer
+from grpo_fast.rewards.stub_server import FAULT_NAMES, Faults, StubReply, StubRequest, StubServer
 
 
 def scripted(request: StubRequest) -> str:
@@ -140,6 +142,67 @@ def test_timeouts_are_retried(image: Path) -> None:
     assert judge.last_stats.retries == 2 and len(server.requests) == 4
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        StubReply(raw=b'{"id": "chatcmpl-1", "choices": [{"mess'),  # cut short
+        StubReply(raw=b"<html><body>502 Bad Gateway</body></html>"),  # a proxy's page, labelled JSON
+        StubReply(raw=b'{"object": "error"}'),  # JSON, but no reply
+        StubReply(drop=True),  # the connection closed without an answer
+    ],
+)
+def test_malformed_bodies_and_dropped_connections_are_retried(image: Path, fault: StubReply) -> None:
+    with StubServer(Flaky(fault)) as server, judge_for(server) as judge:
+        assert judge.judge(items_for(image, 1), ["s3-FAIL"]) == [Judgment(3, False)]
+    assert (judge.last_stats.retries, judge.last_stats.requests, len(server.requests)) == (2, 4, 4)
+
+
+def test_every_fault_the_stub_injects_is_counted_by_both_sides(image: Path) -> None:
+    """A batch under every kind of fault: each completion is scored or unscorable, and the judge's counters agree
+    with the server's (requests sent = received; garbage = unparsed replies; other faults = retries + failures)."""
+    faults = Faults(server_error=0.1, rate_limit=0.1, timeout=0.05, garbage=0.1, malformed=0.05, dropped=0.1)
+    faults = dataclasses.replace(faults, retry_after_s=0.01, hang_s=5.0, seed=1)
+    with StubServer(scripted, faults=faults) as server, judge_for(server, timeout_s=0.5, max_retries=8) as judge:
+        completions = [f"s{1 + i % 4}-{'PASS' if i % 3 else 'FAIL'}" for i in range(40)]
+        judgments = judge.judge(items_for(image, 40), completions)
+    stats = judge.last_stats
+    assert len(judgments) == 40 and stats.unscorable == judgments.count(None)
+    assert all(
+        j is None or (j.strategy, j.factual_pass) == (int(c[1]), c.endswith("PASS"))
+        for j, c in zip(judgments, completions)
+    )
+    assert stats.requests == len(server.requests) == sum(server.counts.values()) > 80
+    assert all(server.counts[name] > 0 for name in FAULT_NAMES)
+    assert stats.unparsed == server.counts["garbage"]
+    transient = sum(server.counts[name] for name in FAULT_NAMES if name != "garbage")
+    assert stats.retries + stats.failures == transient
+
+
+def test_faults_are_drawn_from_their_seed() -> None:
+    faults = Faults(server_error=0.3, garbage=0.2, dropped=0.1, seed=7)
+    draws = [[faults.draw(rng) for _ in range(2000)] for rng in (random.Random(7), random.Random(7))]
+    assert draws[0] == draws[1]
+    shares = Counter(draws[0])
+    for name, rate in (("server_error", 0.3), ("garbage", 0.2), ("dropped", 0.1), (None, 0.4)):
+        assert shares[name] / 2000 == pytest.approx(rate, abs=0.04), name
+    assert Faults.parse("server_error=0.3, garbage=0.2,dropped=0.1,seed=7") == faults
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        Faults(server_error=0.6, timeout=0.5)
+    with pytest.raises(ValueError, match="bad fault 'oops=1'"):
+        Faults.parse("oops=1")
+
+
+def test_a_stopped_server_closes_its_kept_alive_connections(image: Path) -> None:
+    """A restart on the same port: the judge's pooled connection to the old server fails, and is retried."""
+    first = StubServer(scripted).start()
+    with judge_for(first) as judge:
+        assert judge.judge(items_for(image, 1), ["s2-PASS"]) == [Judgment(2, True)]
+        first.stop()
+        with StubServer(scripted, port=first.port) as second:
+            assert judge.judge(items_for(image, 1), ["s4-FAIL"]) == [Judgment(4, False)]
+    assert len(first.requests) == 2 and len(second.requests) == 2
+
+
 def test_a_request_that_keeps_failing_makes_its_completion_unscorable(image: Path) -> None:
     def reply(request: StubRequest) -> StubReply | str:
         return StubReply(status=503) if "s1-FAIL" in request.text else scripted(request)
@@ -225,8 +288,12 @@ def test_counters_accumulate_over_batches(image: Path) -> None:
     with StubServer(scripted) as server, judge_for(server) as judge:
         judge.judge(items_for(image, 2), ["s1-PASS", "s2-PASS"])
         judge.judge(items_for(image, 3), ["s3-PASS", "s4-PASS", "s4-FAIL"])
-    assert judge.metrics()["judge/completions"] == 3 and judge.metrics()["judge/requests"] == 6
-    assert judge.total_stats.completions == 5 and judge.total_stats.requests == 10
+        # metrics() covers every batch since its previous call (a training step's and an evaluation's alike)
+        assert judge.metrics()["judge/completions"] == 5 and judge.last_stats.requests == 6
+        assert judge.metrics()["judge/requests"] == 0
+        judge.judge(items_for(image, 1), ["s1-FAIL"])
+        assert judge.metrics()["judge/requests"] == 2
+    assert judge.total_stats.completions == 6 and judge.total_stats.requests == 12
 
 
 def test_bad_items_name_the_problem(image: Path) -> None:

@@ -6,8 +6,8 @@ import sys
 import pytest
 import yaml
 
-from grpo_fast.config import PRESETS, GRPOConfig, build_config, settings
-from grpo_fast.train import main, parse_args
+from grpo_fast.config import PRESETS, GRPOConfig, build_config, save_yaml, settings
+from grpo_fast.train import main, parse_args, resume_changes
 
 
 def test_defaults_are_trl_names_and_values_and_the_tiny_preset_applies():
@@ -75,15 +75,21 @@ def test_help_lists_every_field():
         (["--fsdp"], "--fsdp shards the model across processes: launch with torchrun"),
         (["--fsdp", "--lora", "4"], "--fsdp shards full fine-tuning only"),
         (["--name", "taken"], "holds another run: pass --overwrite"),
-        (["--name", "fresh", "--resume"], "has no checkpoint to continue from"),
+        (["--name", "fresh", "--resume"], "fresh does not exist: check --name and --output-dir"),
+        (["--name", "died", "--resume"], "never reached a checkpoint: pass --overwrite instead of --resume"),
+        (["--name", "died"], "holds a run that never reached a checkpoint: pass --overwrite to start it again"),
+        (["--resume", "--overwrite"], "--resume continues the run and --overwrite replaces it: pass one of them"),
+        (["--data", "{tmp}/mistyped", "--name", "x"], "mistyped does not exist (synthetic data is generated only at"),
         (["--data", "{tmp}/empty-data", "--name", "x"], "has no train.jsonl"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     (tmp_path / "bad.yaml").write_text("learning_rat: 0.1\n")
     (tmp_path / "ppo.yaml").write_text("loss_type: ppo\n")
-    (tmp_path / "runs/taken").mkdir(parents=True)
+    (tmp_path / "runs/taken/checkpoints/step-000001").mkdir(parents=True)
     (tmp_path / "runs/taken/config.yaml").write_text("{}")
+    (tmp_path / "runs/died").mkdir()
+    (tmp_path / "runs/died/metrics.jsonl").write_text("")
     (tmp_path / "empty-data").mkdir()
     with pytest.raises(SystemExit) as exit_info:
         main([a.format(tmp=tmp_path) for a in args] + ["--output-dir", str(tmp_path / "runs")])
@@ -91,3 +97,20 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert (tmp_path / "runs/taken/config.yaml").read_text() == "{}"  # nothing overwritten
+
+
+def test_resume_layers_the_new_flags_over_the_saved_config(tmp_path):
+    runs = str(tmp_path / "runs")
+    first = ["--output-dir", runs, "--name", "r", "--learning-rate", "3e-4", "--max-steps", "2", "--overwrite"]
+    (tmp_path / "runs/r").mkdir(parents=True)
+    save_yaml(parse_args([*first, "--judge-base-url", "http://a/v1"]), tmp_path / "runs/r/config.yaml")
+    again = ["--output-dir", runs, "--name", "r", "--resume"]
+    cfg = parse_args([*again, "--max-steps", "8", "--judge-base-url", "http://b/v1"])
+    # the saved learning rate stays, the new flags win, and the saved --overwrite is not taken over
+    assert (cfg.max_steps, cfg.judge_config.base_url, cfg.learning_rate) == (8, "http://b/v1", 3e-4)
+    assert not cfg.overwrite
+    assert resume_changes(cfg) == ["max_steps: 2 -> 8", "judge_base_url: 'http://a/v1' -> 'http://b/v1'"]
+    # a --config file sits between the saved config and the flags
+    (tmp_path / "more.yaml").write_text("learning_rate: 1.0e-5\nmax_steps: 5\n")
+    cfg = parse_args([*again, "--config", str(tmp_path / "more.yaml"), "--max-steps", "9"])
+    assert (cfg.learning_rate, cfg.max_steps, cfg.judge_config.base_url) == (1e-5, 9, "http://a/v1")

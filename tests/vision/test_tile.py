@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from grpo_fast.vision import IMAGENET_STD, dynamic_tile, dynamic_tile_batch
+from grpo_fast.vision import IMAGENET_STD, dynamic_tile, dynamic_tile_batch, tiling
 from grpo_fast.vision import reference as ref
-from grpo_fast.vision.tiling import _pixels, allow_simd, pillow_resize
+from grpo_fast.vision.tiling import _pixels, allow_simd, pillow_resize, supported_isas
 
 LEVEL = 1 / 255  # the contract: within one uint8 level of the reference before normalization
 RAW = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}  # pixel_values == uint8 / 255
@@ -98,10 +98,12 @@ def test_bands_and_pass_orders_for_any_thread_count(height, width, tile_size):
         assert torch.equal(got.pixel_values, serial.pixel_values), num_threads
 
 
-@pytest.fixture(params=["simd", "scalar"])
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
 def kernels(request):
-    """Runs a test with the AVX2 kernels (where the CPU has them) and with the portable scalar ones."""
-    allow_simd(request.param == "simd")
+    """Runs a test on each kernel path, skipping those this CPU or OS lacks."""
+    if request.param not in supported_isas():
+        pytest.skip(f"this CPU or OS has no {request.param} (cpuid / xgetbv)")
+    allow_simd(request.param)
     yield request.param
     allow_simd(True)
 
@@ -115,15 +117,19 @@ def kernels(request):
         {"mean": (1e-3, 7.0, -3.0), "std": (3.0, 1e-3, 1e3)},
     ],
 )
-def test_simd_kernels_equal_scalar_bit_for_bit(norm):
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
+def test_simd_kernels_equal_scalar_bit_for_bit(simd, norm):
+    if simd not in supported_isas():
+        pytest.skip(f"this CPU or OS has no {simd} (cpuid / xgetbv)")
     image = noise(150, 260, seed=9)
-    simd = dynamic_tile(image, tile_size=64, **norm).pixel_values
-    allow_simd(False)
     try:
+        allow_simd(simd)
+        fast = dynamic_tile(image, tile_size=64, **norm).pixel_values
+        allow_simd("scalar")
         scalar = dynamic_tile(image, tile_size=64, **norm).pixel_values
     finally:
         allow_simd(True)
-    assert torch.equal(simd, scalar)
+    assert torch.equal(fast, scalar)
 
 
 def test_resize_matches_installed_pillow(kernels):
@@ -174,17 +180,31 @@ def small_pillow_blocks():
     Image.core.set_block_size(size)
 
 
-def test_pillow_image_in_several_blocks_is_read_in_bands(small_pillow_blocks, kernels):
+def test_pillow_image_in_several_blocks_is_read_in_place(small_pillow_blocks, kernels):
     image = pillow_four_byte("RGBA", 200, 300, seed=7)  # 240 KB: 4 blocks of 54 rows
     with pytest.raises(ValueError):
         image.__arrow_c_array__()  # what makes the tiler read it in bands
     bands = _pixels(image)
     assert [band.shape[0] for band in bands] == [54, 54, 54, 38] and all(b.strides[1] == 4 for b in bands)
     assert np.array_equal(np.concatenate(bands), np.asarray(image.convert("RGB")))
+    image.putpixel((5, 60), (1, 2, 3, 4))  # the bands are views of Pillow's own blocks, not copies
+    assert bands[1][6, 5].tolist() == [1, 2, 3] and not any(band.flags.writeable for band in bands)
     for w_out, h_out in [(170, 90), (64, 190), (301, 400), (40, 20)]:  # both pass orders, windows across bands
         want = np.asarray(image.convert("RGB").resize((w_out, h_out), Image.Resampling.BICUBIC))
         assert np.array_equal(pillow_resize(image, w_out, h_out), want), (w_out, h_out)
     assert_close_to_reference(image, tile_size=48, max_tiles=6)
+
+
+def test_pillow_blocks_are_cropped_where_the_image_struct_does_not_check_out(small_pillow_blocks, monkeypatch):
+    image = pillow_four_byte("RGB", 200, 300, seed=8)
+    in_place = dynamic_tile(image, tile_size=48, max_tiles=6, **RAW).pixel_values
+    monkeypatch.setattr(tiling._tiling, "pillow_block_views", lambda *args: None)
+    bands = _pixels(image)
+    assert [band.shape[0] for band in bands] == [54, 54, 54, 38]
+    assert np.array_equal(np.concatenate(bands), np.asarray(image))
+    assert torch.equal(dynamic_tile(image, tile_size=48, max_tiles=6, **RAW).pixel_values, in_place)
+    image.putpixel((5, 60), (1, 2, 3))
+    assert bands[1][6, 5].tolist() != [1, 2, 3]  # copies
 
 
 def rgb_in_mode(mode: str) -> Image.Image:
