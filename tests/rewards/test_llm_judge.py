@@ -162,7 +162,9 @@ def test_every_fault_the_stub_injects_is_counted_by_both_sides(image: Path) -> N
     with the server's (requests sent = received; garbage = unparsed replies; other faults = retries + failures)."""
     faults = Faults(server_error=0.1, rate_limit=0.1, timeout=0.05, garbage=0.1, malformed=0.05, dropped=0.1)
     faults = dataclasses.replace(faults, retry_after_s=0.01, hang_s=5.0, seed=1)
-    with StubServer(scripted, faults=faults) as server, judge_for(server, timeout_s=0.5, max_retries=8) as judge:
+    # timeout_s well under hang_s (so "timeout" faults time out) but far above the accept latency of a loaded machine:
+    # a client timeout before the server has read the request would be a request sent that the server never saw
+    with StubServer(scripted, faults=faults) as server, judge_for(server, timeout_s=2.0, max_retries=8) as judge:
         completions = [f"s{1 + i % 4}-{'PASS' if i % 3 else 'FAIL'}" for i in range(40)]
         judgments = judge.judge(items_for(image, 40), completions)
     stats = judge.last_stats
