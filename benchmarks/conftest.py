@@ -66,3 +66,16 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
     # torch's thread count may have been changed by a benchmark module: record the value at the end as well.
     machine_info["grpo_fast"] = {**machine(), "torch_threads_at_end": torch.get_num_threads()}
+
+
+@pytest.fixture(scope="module")
+def say(request: pytest.FixtureRequest):
+    """Writes a line to the terminal, past pytest's output capture."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+
+    def write(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(line)
+
+    return write

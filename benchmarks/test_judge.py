@@ -1,8 +1,10 @@
 """LLM judge throughput: judgments per second against the stub server (50 ms per reply) at 1, 8, 32, 128 in flight.
 
 A judgment is two requests (strategy and factual, the image attached to the second), so one at a time tops out
-at 1 / (2 x 50 ms) = 10 per second. It checks that 32 in flight judge >= 20x the sequential rate. The stub runs in
-its own process, as a real endpoint would, so its HTTP handling does not compete with the client for the GIL.
+at 1 / (2 x 50 ms) = 10 per second. It checks that 32 in flight judge >= 20x the sequential rate and 128 in flight
+>= 30x. The stub runs in its own process, as a real endpoint would, so its HTTP handling does not compete with the
+client for the GIL; past a few requests in flight the client's own CPU per request sets the pace, and each case
+reports it (`client_cpu_ms_per_request`: the process time of the timed rounds over the requests they sent).
 
     pytest benchmarks/test_judge.py --benchmark-only
 """
@@ -22,7 +24,7 @@ from PIL import Image
 from grpo_fast.rewards import LLMJudge, LLMJudgeConfig
 
 LATENCY_S = 0.05
-MIN_SPEEDUP_AT_32 = 20.0
+MIN_SPEEDUP = {32: 20.0, 128: 30.0}  # x the sequential rate, by max_in_flight
 _rates: dict[int, float] = {}  # judgments per second by max_in_flight, filled as the parametrized cases run
 
 
@@ -52,23 +54,35 @@ def test_judgments_per_second(benchmark, monkeypatch, stub_url: str, image: Path
     items = [{"question": f"What colour is shape {i}?", "level": "ambig", "image": str(image)} for i in range(n)]
     completions = [f"It is blue ({i})." for i in range(n)]
     elapsed: list[float] = []
+    cpu_s: list[float] = []
+    requests: list[int] = []
 
     with LLMJudge(LLMJudgeConfig(model="stub", base_url=stub_url, max_in_flight=max_in_flight)) as judge:
 
         def judge_batch() -> None:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             judgments = judge.judge(items, completions)
             elapsed.append(time.perf_counter() - start)
+            cpu_s.append(time.process_time() - cpu_start)
+            requests.append(judge.last_stats.requests)
             assert None not in judgments
 
         benchmark.pedantic(judge_batch, rounds=3, iterations=1, warmup_rounds=1)
         assert judge.total_stats.retries == 0 and judge.total_stats.failures == 0
 
-    rate = n / statistics.median(elapsed[-3:])  # leaves out the warm-up round, which opens the connections
+    rate = n / statistics.median(elapsed[-3:])  # [-3:]: not the warm-up round, which opens the connections
+    cpu_ms = 1e3 * sum(cpu_s[-3:]) / sum(requests[-3:])
     _rates[max_in_flight] = rate
-    benchmark.extra_info.update(max_in_flight=max_in_flight, completions=n, judgments_per_s=round(rate, 1))
+    benchmark.extra_info.update(
+        max_in_flight=max_in_flight,
+        completions=n,
+        judgments_per_s=round(rate, 1),
+        client_cpu_ms_per_request=round(cpu_ms, 3),
+    )
     if 1 in _rates:
         speedup = rate / _rates[1]
         benchmark.extra_info["speedup_vs_sequential"] = round(speedup, 1)
-        if max_in_flight == 32:
-            assert speedup >= MIN_SPEEDUP_AT_32, f"{speedup:.1f}x the sequential rate at 32 in flight"
+        if max_in_flight in MIN_SPEEDUP:
+            assert speedup >= MIN_SPEEDUP[max_in_flight], (
+                f"{speedup:.1f}x the sequential rate at {max_in_flight} in flight (client CPU {cpu_ms:.2f} ms a request)"
+            )

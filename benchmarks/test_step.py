@@ -6,8 +6,9 @@ DAPO loss, lr 1e-4 cosine after 5 warm-up steps, the rule judge as the reward. T
 both sides, so every step sees the same prompts (token for token: TRL's processor expands the image tokens as
 `grpo_fast.models.inputs.collate` does). Each measurement is a fresh process (`python benchmarks/test_step.py
 --worker ...`) that runs STEPS steps and reports the median step after the first (warm-up) and its peak RSS; a row
-is the median over RUNS processes, at 1 and 2 torch threads (printed, and in each row's `extra_info`; the
-pytest-benchmark table itself times whole processes, start-up included). grpo_fast's rows also give its time split
+is the median over RUNS processes, at 1 and 2 torch threads and, for grpo_fast, "auto" (`grpo_fast.threads`, the
+trainer's default), each on the idle machine and beside one busy process (printed, and in each row's `extra_info`;
+the pytest-benchmark table itself times whole processes, start-up included). grpo_fast's rows also give its time split
 per step (`time/generate`, `time/reward`, `time/logprobs`, `time/update`).
 
 TRL needs a processor for the tiny model: HF's `InternVLProcessor` wants a video processor (torchvision, absent
@@ -51,7 +52,7 @@ SETTINGS = {
 MIN_SPEEDUP = 2.0
 IDLE_LOAD = 0.5
 _START_LOAD = os.getloadavg()[0]
-_results: dict[tuple[str, int], dict[str, float]] = {}  # (impl, threads) -> medians over the processes
+_results: dict[tuple[str, int, str], dict[str, float]] = {}  # (impl, threads, load) -> medians over the processes
 
 
 def _cpu_model() -> str:
@@ -59,19 +60,6 @@ def _cpu_model() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
-
-
-@pytest.fixture(scope="module")
-def say(request: pytest.FixtureRequest):
-    """Writes a line to the terminal, past pytest's output capture."""
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-
-    def write(line: str) -> None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(line)
-
-    return write
 
 
 @pytest.fixture(scope="module")
@@ -91,44 +79,60 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, say) -> Path:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     header = (
         f"CPU: {_cpu_model()} ({os.cpu_count()} cores), ISA path: {torch.backends.cpu.get_cpu_capability()}, "
-        f"torch {torch.__version__}, {peer}, threads per row: 1 and 2, load average (1, 5, 15 min): {load}"
+        f"torch {torch.__version__}, {peer}, threads per row: 1, 2 and auto, load average (1, 5, 15 min): {load}"
     )
     say(f"\n{header}")
     return folder
 
 
-def _measure(impl: str, threads: int, data: Path) -> dict[str, Any]:
-    """One fresh process: its per-step seconds (after warm-up), peak RSS and, for grpo_fast, the time split."""
+def _measure(impl: str, threads: int, data: Path, busy: bool) -> dict[str, Any]:
+    """One fresh process: its per-step seconds (after warm-up), peak RSS, resolved thread count and, for grpo_fast,
+    the time split; with `busy`, beside a process that keeps one core busy."""
     cmd = [sys.executable, __file__, "--worker", impl, "--threads", str(threads), "--data", str(data)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"} | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     root = Path(__file__).parents[1]
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900, cwd=root)
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=900, cwd=root)
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("impl", ["trl", "grpo_fast"])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_seconds_per_step(benchmark, say, data_dir: Path, threads: int, impl: str) -> None:
+# (impl, threads, load): TRL idle at 1 and 2 threads; grpo_fast at 1, 2 and auto (0: grpo_fast.threads), idle and
+# beside one busy process (a spinning Python), the two cases the thread policy chooses between
+ROWS = [("trl", t, "idle") for t in (1, 2)] + [("grpo_fast", t, load) for load in ("idle", "busy") for t in (1, 2, 0)]
+
+
+@pytest.mark.parametrize(("impl", "threads", "load"), ROWS, ids=[f"{i}-{t or 'auto'}-{ld}" for i, t, ld in ROWS])
+def test_seconds_per_step(benchmark, say, data_dir: Path, impl: str, threads: int, load: str) -> None:
     if impl == "trl":
         pytest.importorskip("trl", reason="the peer row needs trl (pip install 'grpo_fast[bench]')")
     runs: list[dict[str, Any]] = []
-    benchmark.group = f"GRPO step, tiny InternVL, G=4, 32 completions, 40 tokens, {threads} thread(s)"
-    benchmark.pedantic(lambda: runs.append(_measure(impl, threads, data_dir)), rounds=RUNS, iterations=1)
+    named = f"{threads} thread(s)" if threads else "auto threads"
+    benchmark.group = f"GRPO step, tiny InternVL, G=4, 32 completions, 40 tokens, {named}, {load}"
+    benchmark.pedantic(
+        lambda: runs.append(_measure(impl, threads, data_dir, load == "busy")), rounds=RUNS, iterations=1
+    )
     row = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "steps"}
-    _results[(impl, threads)] = row
+    _results[(impl, threads, load)] = row
     benchmark.extra_info.update({k: round(v, 3) for k, v in row.items()}, processes=len(runs), steps=STEPS - 1)
-    line = f"{threads} thread(s), {impl}: {row['step_s']:.2f} s per step, peak RSS {row['peak_rss_mb']:.0f} MB"
+    line = f"{named}, {load}, {impl}: {row['step_s']:.2f} s per step, peak RSS {row['peak_rss_mb']:.0f} MB"
+    if not threads:
+        line += f", resolved to {sorted({r['threads'] for r in runs})} thread(s)"
     if impl == "grpo_fast":
         split = ", ".join(f"{k.removeprefix('time/')} {row[k]:.2f}" for k in row if k.startswith("time/"))
         line += f" ({split} s)"
     say(line)
-    if impl == "grpo_fast" and ("trl", threads) in _results:
-        speedup = _results[("trl", threads)]["step_s"] / row["step_s"]
+    if impl == "grpo_fast" and load == "idle" and ("trl", threads, load) in _results:
+        speedup = _results[("trl", threads, load)]["step_s"] / row["step_s"]
         benchmark.extra_info["speedup_vs_trl"] = round(speedup, 2)
-        say(f"{threads} thread(s): grpo_fast is {speedup:.2f}x TRL's speed per step (target {MIN_SPEEDUP}x)")
+        say(f"{named}: grpo_fast is {speedup:.2f}x TRL's speed per step (target {MIN_SPEEDUP}x)")
         if _START_LOAD < IDLE_LOAD:
-            assert speedup >= MIN_SPEEDUP, f"{speedup:.2f}x TRL at {threads} thread(s), target {MIN_SPEEDUP}x"
+            assert speedup >= MIN_SPEEDUP, f"{speedup:.2f}x TRL at {named}, target {MIN_SPEEDUP}x"
 
 
 # -- the worker (runs in its own process) ------------------------------------------------------------------------
@@ -273,13 +277,17 @@ def _worker(argv: list[str]) -> None:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--data", type=Path, required=True)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    from grpo_fast.threads import resolve_threads
+
+    threads = resolve_threads(args.threads)  # 0: auto, as the trainer resolves it
+    torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as workdir:
         if args.worker == "grpo_fast":
-            out = _run_grpo_fast(args.data, args.threads)
+            out = _run_grpo_fast(args.data, threads)
         else:
-            out = _run_trl(args.data, args.threads, Path(workdir))
+            out = _run_trl(args.data, threads, Path(workdir))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    out["threads"] = threads
     print(json.dumps(out))
 
 

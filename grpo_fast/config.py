@@ -73,7 +73,15 @@ class GRPOConfig:
     overwrite: bool = option(False, "replace an existing run of the same name", "run")
     resume: bool = option(False, "continue the run in <output_dir>/<name>/ from its latest checkpoint", "run")
     seed: int = option(0, "seed of data order, sampling and initialisation", "run")
-    torch_threads: int = option(0, "CPU threads for torch ops (0: torch's default, one per core)", "run")
+    torch_threads: int = option(
+        0, "CPU threads for torch ops (0: auto, one per core that other processes leave idle at start)", "run"
+    )
+    row_op_threads: int = option(
+        0,
+        "CPU threads of the loss's row ops between its lm_head GEMMs (0: torch_threads; see "
+        "grpo_fast.kernels.rowwise_torch.set_row_threads)",
+        "run",
+    )
     max_steps: int = option(100, "GRPO steps (each: rollouts, then num_iterations optimizer updates)", "run")
     # data
     data: str = option(
@@ -274,6 +282,7 @@ class GRPOConfig:
             "eval_items",
             "log_samples",
             "torch_threads",
+            "row_op_threads",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -339,9 +348,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     # and short completions suit a ~1.1 M-parameter model whose replies are one or two sentences.
     "tiny": {
         "name": "grpo-tiny",
-        # One thread: the tiny model's matrices are too small for intra-op parallelism to pay, and on a busy
-        # 2-core machine OpenMP's thread synchronisation made a rollout 4x slower in wall time (measured).
-        "torch_threads": 1,
         # Tuned on the warm starts (val reward of greedy replies, 200 items; see README "Training"): lr 1e-4 moved
         # the policy within ~50 steps where 5e-5 needed ~100 and 2e-4 stalled or swung between "always ask" and
         # "always answer"; sampling at temperature 0.7 beat 1.0; a KL anchor (beta 0.04) held it steadier; longer

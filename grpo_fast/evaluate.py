@@ -49,6 +49,7 @@ from grpo_fast.judge_config import LLMJudgeConfig
 from grpo_fast.models.policy import load_policy
 from grpo_fast.rewards.judge import Judge
 from grpo_fast.rewards.llm_judge import JudgeRequestError, JudgeUnavailableError
+from grpo_fast.threads import resolve_threads
 from grpo_fast.trainer.evaluation import Evaluation, Sampling, evaluate, format_levels
 from grpo_fast.trainer.precision import has_flash_attn, resolve_precision
 from grpo_fast.trainer.setup import build_judge
@@ -65,7 +66,9 @@ class EvalConfig:
     attn_implementation: AttnImplementation = option(
         "auto", "auto (sdpa: evaluation forwards run in fp32, which flash-attn rejects), sdpa, eager", "model"
     )
-    torch_threads: int = option(0, "CPU threads for torch ops (0: torch's default, one per core)", "model")
+    torch_threads: int = option(
+        0, "CPU threads for torch ops (0: auto, one per core other processes leave idle)", "model"
+    )
     # data
     data: str = option(DEFAULT_DATA, "data folder holding <split>.jsonl (images beside it)", "data")
     split: str = option("val", "the split to evaluate: <data>/<split>.jsonl", "data")
@@ -195,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         judge = build_judge(cfg.judge, cfg.judge_config)
         check_fields(items, judge, cfg.judge, where)
         env = distributed.init()
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        torch.set_num_threads(resolve_threads(cfg.torch_threads))
         try:
             policy = load_policy(cfg.model, seed=cfg.seed)
         except ValueError as e:

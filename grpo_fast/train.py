@@ -26,7 +26,9 @@ from grpo_fast import distributed
 from grpo_fast.cli import ArgumentParser, build_parser
 from grpo_fast.config import PRESETS, ConfigError, GRPOConfig, build_config, coerce, read_config_file
 from grpo_fast.data.seed import SeedFormatError
+from grpo_fast.kernels.rowwise_torch import set_row_threads
 from grpo_fast.rewards.llm_judge import JudgeRequestError, JudgeUnavailableError
+from grpo_fast.threads import resolve_threads
 from grpo_fast.trainer import UnscorableError, run
 from grpo_fast.trainer.run_dir import RunDirError, prepare_run_dir
 from grpo_fast.trainer.setup import build_judge, build_policy, load_data, warm_start
@@ -93,8 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         env = distributed.init(cfg.dist_timeout_s)
         if cfg.fsdp and env.world == 1:
             raise ConfigError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
-        if cfg.torch_threads:
-            torch.set_num_threads(cfg.torch_threads)
+        # resolved once and written to config.yaml, so that a resumed run keeps the count (and the float rounding)
+        cfg.torch_threads = resolve_threads(cfg.torch_threads)
+        torch.set_num_threads(cfg.torch_threads)
+        set_row_threads(cfg.row_op_threads or None)
         if env.is_main:
             lock = prepare_run_dir(cfg)  # held until the end: a second process in this run folder exits 2
             print("config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip())

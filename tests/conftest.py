@@ -59,8 +59,11 @@ def tiny_model_dir(tiny_policy, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run_flags() -> tuple[str, ...]:
-    """`grpo_fast.train` flags for seconds per step: 2 prompts x G=4, completions of at most 8 tokens, 4 eval items."""
+    """`grpo_fast.train` flags for seconds per step: 2 prompts x G=4, completions of at most 8 tokens, 4 eval items,
+    one torch thread (not "auto", which follows the machine's load: runs compared bit for bit need one count)."""
     return (
+        "--torch-threads",
+        "1",
         "--batch-size",
         "8",
         "--num-generations",

@@ -69,7 +69,7 @@ def resolve_backend(device: torch.device) -> str:
 
 def row_ops(backend: str) -> ModuleType:
     """The row-kernel module (`row_stats`, `row_grad`, `logprobs_and_grad_`) for `backend` ("triton" or "torch"),
-    imported on first use: only this function imports them."""
+    imported on first use, so that triton is imported only where the Triton kernels run."""
     if backend == "triton":
         from grpo_fast.kernels import rowwise_triton
 

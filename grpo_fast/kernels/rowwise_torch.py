@@ -22,18 +22,49 @@ _BLOCK_ELEMS = 1 << 19  # fp32 values per scratch block: 2 MiB (3 rows at a 150k
 DlogpFn = Callable[[int, int, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
-def _single_threaded(fn):
-    """Run the row ops on one intra-op thread. A block is ~0.3 ms of work: split over OpenMP threads, every op
-    pays a fork/join, and on a CPU shared with any other process one descheduled thread stalls them all (measured
-    on 2 cores beside one busy process: the whole fused loss 2.1x slower with 2 threads than with 1). On an idle
-    machine one thread costs little; the GEMMs around the row ops keep every thread."""
+_row_threads: int | None = None  # None: torch's own count, see `set_row_threads`
+
+
+def set_row_threads(threads: int | None) -> None:
+    """Intra-op threads of the CPU row ops (`row_stats`, `logprobs_and_grad_`, `row_grad`) for the rest of the
+    process, torch's own count (the GEMMs' around them) restored after each op; None, the default, leaves them on
+    torch's count, which the trainer picks at start from how busy the cores are (`grpo_fast.threads`).
+
+    A block of row ops is ~0.3 ms of work, so over OpenMP threads each op pays a fork/join, and where another
+    process holds a core, one descheduled thread stalls the rest at every op, while a GEMM of ~1 s barely notices.
+    Measured on the 2-core AMD EPYC (Zen 4) while other runs loaded it (load average 4-7), fused loss fwd+bwd,
+    D = 896, V = 151,936, fp32, interleaved, medians of 3-4, over the three-GEMM floor: N = 512, 1 row thread
+    0.98x against 2 threads 1.94x, and beside one more spinning process 1.17x against 1.59x. Idle it goes the
+    other way: on an idle Intel Xeon the former one-thread pin made the loss 1.35x the floor, the GEMMs scaling
+    with the cores and one thread's row ops not. Torch's count is 1 on a busy machine and every core on an idle one
+    (`grpo_fast.threads`), so the row ops follow it; `benchmarks/test_loss.py::test_row_threads` times both counts,
+    idle and busy. The count is fixed for a run rather than chosen per op from timings, so that a run's float
+    rounding, and its resume, do not depend on the machine's load from one op to the next."""
+    if threads is not None and threads < 1:
+        raise ValueError(f"row threads must be >= 1, or None (torch's count), got {threads}")
+    global _row_threads
+    _row_threads = threads
+
+
+def get_row_threads() -> int | None:
+    """The `set_row_threads` value (None: torch's count)."""
+    return _row_threads
+
+
+def row_threads_now() -> int:
+    """The intra-op threads the next row op runs on (see `set_row_threads`)."""
+    return torch.get_num_threads() if _row_threads is None else _row_threads
+
+
+def _on_row_threads(fn):
+    """Run `fn` on `row_threads_now()` intra-op threads, torch's count restored after (also on an exception)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        threads = torch.get_num_threads()
-        if threads == 1:
+        threads, inner = torch.get_num_threads(), row_threads_now()
+        if inner == threads:
             return fn(*args, **kwargs)
-        torch.set_num_threads(1)
+        torch.set_num_threads(inner)
         try:
             return fn(*args, **kwargs)
         finally:
@@ -81,7 +112,7 @@ def _target_logits(logits: torch.Tensor, targets: torch.Tensor, inv_t: float) ->
     return logits.gather(1, targets.view(-1, 1).long()).squeeze(1).float() * inv_t
 
 
-@_single_threaded
+@_on_row_threads
 def row_stats(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -104,7 +135,7 @@ def row_stats(
     return _target_logits(logits, targets, inv_t) - lse, lse, entropy
 
 
-@_single_threaded
+@_on_row_threads
 def logprobs_and_grad_(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -148,7 +179,7 @@ def logprobs_and_grad_(
     return logp, entropy
 
 
-@_single_threaded
+@_on_row_threads
 def row_grad(
     logits: torch.Tensor,
     targets: torch.Tensor,

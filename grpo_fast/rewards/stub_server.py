@@ -38,11 +38,12 @@ from typing import Any, Self
 
 @dataclass(frozen=True)
 class StubRequest:
-    """One request as the server received it: the route, the JSON body and when it arrived."""
+    """One request as the server received it: the route, the JSON body, when it arrived and its headers."""
 
     path: str
     body: dict[str, Any]
     arrived: float  # time.monotonic()
+    headers: dict[str, str] = field(default_factory=dict)  # names in lower case
 
     def _parts(self) -> list[dict[str, Any]]:
         """The content parts of every message, for both APIs (`messages` for chat, `input` for responses)."""
@@ -271,10 +272,12 @@ class StubServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes] | None:
+    def _answer(
+        self, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> tuple[int, dict[str, str], bytes] | None:
         """Records the request, draws its fault, waits its delay, and returns (status, headers, body), or None to
         drop the connection."""
-        request = StubRequest(path=path, body=body, arrived=time.monotonic())
+        request = StubRequest(path=path, body=body, arrived=time.monotonic(), headers=headers)
         with self._lock:
             self.requests.append(request)
             fault = self.faults.draw(self._rng) if self.faults else None
@@ -332,7 +335,8 @@ class _Handler(BaseHTTPRequestHandler):
             error = {"message": f"no route {self.path}", "type": "invalid_request_error", "code": None}
             self._send(404, {}, json.dumps({"error": error}).encode())
             return
-        answer = self.server.stub._answer(self.path, body)
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        answer = self.server.stub._answer(self.path, body, headers)
         if answer is None:  # a dropped connection: no status line, no body
             self.close_connection = True
             return

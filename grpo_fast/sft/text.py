@@ -42,6 +42,7 @@ from grpo_fast.rewards.rule_judge import RuleJudge
 from grpo_fast.schedule import lr_factor
 from grpo_fast.sft.targets import Targets, describe_share, sft_examples
 from grpo_fast.sft.vision import pretrain_vision
+from grpo_fast.threads import resolve_threads
 
 TINY_VISION_STEPS = 2000
 
@@ -79,9 +80,7 @@ class SFTConfig:
     warmup: int = option(20, "linear warm-up steps, then cosine decay to 10%", "optimization")
     weight_decay: float = option(0.01, "AdamW weight decay", "optimization")
     seed: int = option(0, "seed of data, init, shuffling and targets", "optimization")
-    # The tiny model's ops are too small to gain from more threads, and on a shared CPU OpenMP's spinning made
-    # 2 threads ~25x slower than 1 here (12 steps: 93 s vs 3.6 s at a load of 8 on 2 cores).
-    threads: int = option(1, "torch CPU threads (0: torch's default)", "optimization")
+    threads: int = option(0, "torch CPU threads (0: auto, one per core other processes leave idle)", "optimization")
     # output
     out: str = option("runs/sft", "output folder", "output")
     eval_items: int = option(64, "val items for the final loss and sampled reward (0: skip)", "output")
@@ -179,8 +178,7 @@ def train(cfg: SFTConfig) -> dict[str, float]:
     train_items, val_items = _load_data(cfg, out)
     if vision_steps > 0 and any(it.get("scene") is None for it in train_items):
         raise ValueError("vision pretraining needs synthetic items (with scene); pass --vision-steps 0")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(resolve_threads(cfg.threads))
     torch.manual_seed(cfg.seed)
     policy = load_policy(cfg.model, seed=cfg.seed)
     policy.model.train()

@@ -55,6 +55,7 @@ def warm_start(cfg: GRPOConfig, env: DistEnv) -> str:
         skip_bad_lines=cfg.skip_bad_lines,
         model=cfg.model,
         seed=cfg.seed,
+        threads=cfg.torch_threads,
         out=str(out),
         **{k: v for k, v in overrides.items() if v is not None},
     )

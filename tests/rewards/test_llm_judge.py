@@ -73,8 +73,12 @@ def test_scripted_scores_give_the_rubric_rewards(image: Path, api: str, route: s
     assert judge.last_stats.requests == 12 and judge.last_stats.unscorable == 0
 
 
-def test_the_image_arrives_with_the_factual_prompt_only(image: Path) -> None:
-    with StubServer(scripted) as server, judge_for(server) as judge:
+@pytest.mark.parametrize("api", ["chat", "responses"])
+@pytest.mark.parametrize("size", [(12, 8), (320, 240)])  # the large one: ~230 KB of noise, many socket buffers
+def test_the_image_arrives_with_the_factual_prompt_only(tmp_path: Path, api: str, size: tuple[int, int]) -> None:
+    image = tmp_path / "noise.png"
+    Image.frombytes("RGB", size, random.Random(0).randbytes(3 * size[0] * size[1])).save(image)
+    with StubServer(scripted) as server, judge_for(server, api=api) as judge:
         assert judge.judge(items_for(image, 1, level="unambig"), ["s4-PASS"]) == [Judgment(4, True)]
     factual = [r for r in server.requests if r.image_urls]
     strategy = [r for r in server.requests if not r.image_urls]
@@ -88,6 +92,29 @@ def test_the_image_arrives_with_the_factual_prompt_only(image: Path) -> None:
     assert "Data type: unambiguous" in strategy[0].text
 
 
+def test_requests_carry_the_openai_clients_endpoint_key_and_headers(
+    image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests are built by the judge, from what the openai client resolved: $OPENAI_BASE_URL when base_url is
+    None, the key as a bearer token, the organisation and project from their variables."""
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-judge")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-judge")
+    with StubServer(scripted) as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        with LLMJudge(LLMJudgeConfig(model="judge-model")) as judge:
+            assert judge.judge(items_for(image, 1), ["s3-PASS"]) == [Judgment(3, True)]
+    assert len(server.requests) == 2
+    for request in server.requests:
+        assert request.path == "/v1/chat/completions"
+        assert request.headers["authorization"] == "Bearer sk-test"
+        assert (request.headers["openai-organization"], request.headers["openai-project"]) == (
+            "org-judge",
+            "proj-judge",
+        )
+        assert request.headers["content-type"] == "application/json"
+        assert request.headers["user-agent"].startswith("AsyncOpenAI/Python")
+
+
 def test_a_batch_is_judged_concurrently(image: Path) -> None:
     # 64 completions = 128 requests of 100 ms: 12.8 s one at a time, 0.4 s with 32 in flight.
     with StubServer(scripted, latency_s=0.1) as server, judge_for(server, max_in_flight=32) as judge:
@@ -99,11 +126,14 @@ def test_a_batch_is_judged_concurrently(image: Path) -> None:
     assert 16 <= server.peak_in_flight <= 32
 
 
-def test_requests_in_flight_never_exceed_the_limit(image: Path) -> None:
-    with StubServer(scripted, latency_s=0.05) as server, judge_for(server, max_in_flight=3) as judge:
-        judge.judge(items_for(image, 12), ["s2-PASS"] * 12)
-    assert len(server.requests) == 24
-    assert 2 <= server.peak_in_flight <= 3
+@pytest.mark.parametrize("max_in_flight", [3, 20])  # 20: three connection pools of 7 (judge_http.POOL_SIZE = 8)
+def test_requests_in_flight_never_exceed_the_limit(image: Path, max_in_flight: int) -> None:
+    n = 2 * max_in_flight
+    with StubServer(scripted, latency_s=0.2) as server, judge_for(server, max_in_flight=max_in_flight) as judge:
+        judge.judge(items_for(image, n), ["s2-PASS"] * n)
+    assert len(server.requests) == 2 * n
+    # near the limit: requests do not queue for one pool's connections while another pool has free ones
+    assert max_in_flight * 3 // 4 <= server.peak_in_flight <= max_in_flight
 
 
 def test_identical_requests_are_sent_once(image: Path) -> None:
@@ -202,6 +232,8 @@ def test_a_stopped_server_closes_its_kept_alive_connections(image: Path) -> None
         first.stop()
         with StubServer(scripted, port=first.port) as second:
             assert judge.judge(items_for(image, 1), ["s4-FAIL"]) == [Judgment(4, False)]
+            # the closed connections were seen as closed before reuse: fresh ones, and no request failed on them
+            assert judge.last_stats.retries == 0
     assert len(first.requests) == 2 and len(second.requests) == 2
 
 
@@ -225,6 +257,12 @@ def test_an_unreachable_endpoint_stops_the_run(image: Path) -> None:
     with LLMJudge(config) as judge, pytest.raises(JudgeUnavailableError, match=f"127.0.0.1:{port}"):
         judge.judge(items_for(image, 2), ["s1-PASS", "s2-PASS"])
     assert (judge.last_stats.failures, judge.last_stats.retries) == (4, 8)
+
+
+def test_a_reply_of_many_reads_arrives_whole(image: Path) -> None:
+    # 3 MB: dozens of socket reads on the connection, handed on in 64 KB pieces (httpcore's read size)
+    with StubServer(lambda r: "x" * 3_000_000 + scripted(r)) as server, judge_for(server) as judge:
+        assert judge.judge(items_for(image, 1), ["s2-FAIL"]) == [Judgment(2, False)]
 
 
 def test_garbage_is_asked_again_once_then_unscorable_never_scored_1(image: Path) -> None:

@@ -13,6 +13,7 @@ from grpo_fast import judge_config
 from grpo_fast.rewards import LLMJudge, LLMJudgeConfig
 from grpo_fast.rewards.llm_judge import (
     backoff_s,
+    error_message,
     image_data_url,
     load_template,
     parse_score,
@@ -117,6 +118,21 @@ def test_image_data_url(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(ValueError, match="no image file extension"):
         image_data_url(tmp_path / "notes.txt")
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (b'{"error": {"message": "model not found", "type": "invalid_request_error"}}', "model not found"),
+        (b'{"detail": "Not Found"}', '{"detail": "Not Found"}'),  # no error.message: the body as it came
+        (b'["a", "list"]', '["a", "list"]'),
+        (b"  <html>502 Bad Gateway</html>\n", "<html>502 Bad Gateway</html>"),
+        (b"\xff\xfe not UTF-8", "\ufffd\ufffd not UTF-8"),
+        (b"x" * 500, "x" * 300),
+    ],
+)
+def test_error_message(body: bytes, message: str) -> None:
+    assert error_message(body) == message
 
 
 def test_retry_after_forms() -> None:
