@@ -29,10 +29,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpo_fast.threads import usable_cores
+
 PROMPTS, G, MAX_NEW_TOKENS, TEMPERATURE = 8, 4, 40, 0.7
 ROUNDS = int(os.environ.get("GRPO_FAST_BENCH_ROUNDS", "10"))
 MIN_SPEEDUP = 2.0
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _tokens(ids: torch.Tensor, eos_id: int) -> int:
@@ -86,7 +87,7 @@ def rows(tmp_path_factory: pytest.TempPathFactory, say) -> dict[str, Callable[[]
     return {"hf_generate": hf_generate, "hf_seeded": hf_seeded, "rollout": rollout}
 
 
-@pytest.mark.parametrize("threads", sorted({1, CORES}))
+@pytest.mark.parametrize("threads", sorted({1, usable_cores()}))
 def test_rollout_tokens_per_second(benchmark, say, rows: dict[str, Callable[[], int]], threads: int) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

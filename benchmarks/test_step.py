@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cpu_model
 
 STEPS = 3  # per process: one warm-up step, then the measured ones
 RUNS = int(os.environ.get("GRPO_FAST_BENCH_RUNS", "4"))  # fresh processes per row
@@ -55,13 +55,6 @@ _START_LOAD = os.getloadavg()[0]
 _results: dict[tuple[str, int, str], dict[str, float]] = {}  # (impl, threads, load) -> medians over the processes
 
 
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory, say) -> Path:
     import torch
@@ -78,7 +71,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory, say) -> Path:
         peer = "trl not installed"
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     header = (
-        f"CPU: {_cpu_model()} ({os.cpu_count()} cores), ISA path: {torch.backends.cpu.get_cpu_capability()}, "
+        f"CPU: {cpu_model()} ({os.cpu_count()} cores), ISA path: {torch.backends.cpu.get_cpu_capability()}, "
         f"torch {torch.__version__}, {peer}, threads per row: 1, 2 and auto, load average (1, 5, 15 min): {load}"
     )
     say(f"\n{header}")
