@@ -35,9 +35,10 @@ bench-tiling-tv: setup
 	.venv-tv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 transformers pillow numpy pytest pytest-benchmark
 	PYTHONPATH=$(CURDIR) .venv-tv/bin/python -m pytest benchmarks/test_tiling.py --benchmark-only $(ARGS)
 
-# The C++ tiler under AddressSanitizer + UBSan, built in build/asan (the suite's grpo_fast/_tiling*.so stays as it
-# is) and loaded by tests/vision/conftest.py into a Python that preloads libasan: the tiler tests and the fuzz test
-# (test_large measures memory, which the sanitizers inflate). The first sanitizer report fails the run.
+# The C++ extension (tiler and row ops) under AddressSanitizer + UBSan, built in build/asan (the suite's
+# grpo_fast/_tiling*.so stays as it is) and loaded by tests/conftest.py into a Python that preloads libasan (and
+# libstdc++, so that ASan's interceptor catches C++ exceptions): the tiler tests, the fuzz test (test_large measures
+# memory, which the sanitizers inflate) and the row-op tests. The first sanitizer report fails the run.
 ASAN_DIR := $(CURDIR)/build/asan
 asan: setup
 	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=$(CXX) \
@@ -46,9 +47,11 @@ asan: setup
 	  -DCMAKE_CXX_FLAGS="-fsanitize=address,undefined,float-cast-overflow -fno-sanitize-recover=all -fno-omit-frame-pointer" \
 	  -DCMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined"
 	cmake --build $(ASAN_DIR) -j
-	GRPO_FAST_TILING_SO="$$(ls $(ASAN_DIR)/lib/_tiling*.so)" LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so)" \
+	GRPO_FAST_TILING_SO="$$(ls $(ASAN_DIR)/lib/_tiling*.so)" \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-	  $(PY) -m pytest tests/vision -q -p no:cacheprovider --capture=sys --ignore=tests/vision/test_large.py $(ARGS)
+	  $(PY) -m pytest tests/vision tests/kernels/test_rowops_cpp.py -q -p no:cacheprovider --capture=sys \
+	  --ignore=tests/vision/test_large.py $(ARGS)
 
 # A machine with one NVIDIA GPU (TORCH must name a CUDA build of torch), about 8 minutes, no model download: the
 # CUDA tests, the loss benchmark at GPU shapes beside Liger and TRL, 10 GRPO steps with --bf16, torchrun with nccl,

@@ -282,8 +282,14 @@ void set_isa(const std::string& name) {
 
 }  // namespace
 
+namespace grpo_fast {
+void bind_rowops(py::module_& m);  // rowops_bindings.cpp
+}  // namespace grpo_fast
+
 PYBIND11_MODULE(_tiling, m) {
-  m.doc() = "C++ InternVL dynamic-resolution tiler: Pillow-exact 8-bit BICUBIC resampling fused with crop and normalize.";
+  m.doc() =
+      "C++ InternVL dynamic-resolution tiler: Pillow-exact 8-bit BICUBIC resampling fused with crop and normalize;\n"
+      "and the CPU loss head's row ops (row_stats, row_grad).";
   m.def("closest_grid", &closest_grid, py::arg("width"), py::arg("height"), py::arg("tile_size"), py::arg("min_tiles"),
         py::arg("max_tiles"),
         "InternVL's (cols, rows) for a width x height image, min_tiles <= cols * rows <= max_tiles <= 1024; candidates\n"
@@ -312,4 +318,5 @@ PYBIND11_MODULE(_tiling, m) {
         "(uint8 [H, W, 3], or a list of row bands) on grids[i] = (cols, rows); a thumbnail is written when outputs[i]\n"
         "has one more tile.\n"
         "Runs on num_threads native threads with the GIL released.");
+  grpo_fast::bind_rowops(m);
 }

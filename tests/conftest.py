@@ -21,6 +21,21 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under `make asan`, GRPO_FAST_TILING_SO names the sanitizer build of the extension (the tiler and the CPU row ops):
+# it is loaded as `grpo_fast._tiling` before any test module imports it, so that the suite's own build stays in place
+# for everyone else.
+if _sanitized := os.environ.get("GRPO_FAST_TILING_SO"):
+    import importlib.util
+
+    import grpo_fast
+
+    if "grpo_fast._tiling" in sys.modules:
+        raise RuntimeError("grpo_fast._tiling was imported before tests/conftest.py could load GRPO_FAST_TILING_SO")
+    _spec = importlib.util.spec_from_file_location("grpo_fast._tiling", _sanitized)
+    _module = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_module)
+    sys.modules["grpo_fast._tiling"] = grpo_fast._tiling = _module
+
 # imported after the switch, so that nothing they might pull in decorates kernels before it
 from grpo_fast.data.seed import load_seed
 from grpo_fast.data.synthetic import write_dataset

@@ -1,10 +1,23 @@
-"""The same row operations as `rowwise_triton`, in plain PyTorch ops: the fast CPU path.
+"""The same row operations as `rowwise_triton`, on CPU tensors: C++ kernels, with plain PyTorch ops as the fallback.
 
-Rows are processed in blocks of about `_BLOCK_ELEMS` values, so that a block's fp32 scratch (2 MiB) stays in the
-last-level cache: DRAM then sees about one read of the logits for the statistics and one write of `d logits`,
-and every other pass runs at cache bandwidth. Each block costs one `exp` per logit: `e = exp((z - max) / T)`
-gives the normalizer, the entropy and, rescaled, the probabilities of the gradient. A `[R, V]` temporary is
-never allocated.
+The C++ path (`row_stats` / `row_grad` of the `grpo_fast._tiling` extension, csrc/rowops*.cpp) takes fp32 and bf16
+logits whose rows are contiguous (any row stride) and does the math in fp32. Per row: one pass for the max, one for
+`e = exp((z - max) / T)` summed into the normalizer and the entropy's `sum e (z - max) / T` (fp32, element j into
+accumulator j % 32, the 32 combined in a fixed tree), the row staying in L2 between the two; the gradient pass
+computes `p = exp(log p)` again, `log p = (z - max) / T - log s`, rather than keep `e`, and writes `d logits` in
+place or into `out` (bf16 rounded to nearest even). `exp` is Cephes' expf with FMAs (~1 ulp; exactly 0 for -inf).
+Rows are spread over `row_threads_now()` native threads with the GIL released, each row done wholly by one
+thread, and the scalar, AVX2 and AVX-512 kernels compute the same floats: results depend neither on the thread
+count nor on the CPU (`grpo_fast.vision.tiling.allow_simd` picks the path for tests). `logprobs_and_grad_` runs the
+statistics of every row of the chunk, one `dlogp_fn(0, R, ...)`, then the gradient: the chunk's logits come from
+DRAM twice, which costs less than a Python `dlogp_fn` call per cache-sized block (measured on a 256-row chunk at
+V = 151,936: ~0.4 ms per call, 20 calls at 8 MiB blocks, against ~4 ms for the second read).
+
+The torch fallback (fp16, logits without unit column stride) processes rows in blocks of about `_BLOCK_ELEMS`
+values, so that a block's fp32 scratch (2 MiB) stays in the last-level cache: DRAM then sees about one read of the
+logits for the statistics and one write of `d logits`, and every other pass runs at cache bandwidth. Each block
+costs one `exp` per logit: `e = exp((z - max) / T)` gives the normalizer, the entropy and, rescaled, the
+probabilities of the gradient. A `[R, V]` temporary is never allocated.
 """
 
 from __future__ import annotations
@@ -12,7 +25,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
+import numpy as np
 import torch
+
+try:
+    from grpo_fast import _tiling
+except ImportError as err:  # pragma: no cover - only without a build
+    raise ImportError(
+        "grpo_fast._tiling (the C++ row ops and image tiler) is not built: run `pip install -e .` in the repository "
+        "root (needs g++ and CMake)"
+    ) from err
 
 _BLOCK_ELEMS = 1 << 19  # fp32 values per scratch block: 2 MiB (3 rows at a 150k vocab), so the block and its two
 # scratch buffers stay in a shared 32 MiB L3 under load, while ~10 us of dispatch per op is still amortized over
@@ -26,20 +48,23 @@ _row_threads: int | None = None  # None: torch's own count, see `set_row_threads
 
 
 def set_row_threads(threads: int | None) -> None:
-    """Intra-op threads of the CPU row ops (`row_stats`, `logprobs_and_grad_`, `row_grad`) for the rest of the
-    process, torch's own count (the GEMMs' around them) restored after each op; None, the default, leaves them on
-    torch's count, which the trainer picks at start from how busy the cores are (`grpo_fast.threads`).
+    """Threads of the CPU row ops (`row_stats`, `logprobs_and_grad_`, `row_grad`) for the rest of the process:
+    the C++ kernels' native threads, and torch's intra-op threads inside the ops (the `dlogp_fn` of
+    `logprobs_and_grad_`, the torch fallback), torch's own count (the GEMMs' around them) restored after each op;
+    None, the default, leaves them on torch's count, which the trainer picks at start from how busy the cores are
+    (`grpo_fast.threads`). The C++ results do not depend on the count (each row is done wholly by one thread).
 
-    A block of row ops is ~0.3 ms of work, so over OpenMP threads each op pays a fork/join, and where another
-    process holds a core, one descheduled thread stalls the rest at every op, while a GEMM of ~1 s barely notices.
+    A row op waits for its slowest thread: where another process holds a core, one descheduled thread stalls the
+    op (over OpenMP, the torch fallback's every ~0.3 ms block), while a GEMM of ~1 s barely notices.
     Measured on the 2-core AMD EPYC (Zen 4) while other runs loaded it (load average 4-7), fused loss fwd+bwd,
-    D = 896, V = 151,936, fp32, interleaved, medians of 3-4, over the three-GEMM floor: N = 512, 1 row thread
-    0.98x against 2 threads 1.94x, and beside one more spinning process 1.17x against 1.59x. Idle it goes the
-    other way: on an idle Intel Xeon the former one-thread pin made the loss 1.35x the floor, the GEMMs scaling
-    with the cores and one thread's row ops not. Torch's count is 1 on a busy machine and every core on an idle one
-    (`grpo_fast.threads`), so the row ops follow it; `benchmarks/test_loss.py::test_row_threads` times both counts,
-    idle and busy. The count is fixed for a run rather than chosen per op from timings, so that a run's float
-    rounding, and its resume, do not depend on the machine's load from one op to the next."""
+    D = 896, V = 151,936, fp32, interleaved, medians of 3-4, over the three-GEMM floor, with the torch row ops:
+    N = 512, 1 row thread 0.98x against 2 threads 1.94x, and beside one more spinning process 1.17x against 1.59x.
+    Idle it goes the other way: on an idle Intel Xeon the former one-thread pin made the loss 1.35x the floor, the
+    GEMMs scaling with the cores and one thread's row ops not. Torch's count is 1 on a busy machine and every core
+    on an idle one (`grpo_fast.threads`), so the row ops follow it; `benchmarks/test_loss.py::test_row_threads`
+    times both counts, idle and busy. The count is fixed for a run rather than chosen per op from timings, so that
+    a run's float rounding (the torch fallback's), and its resume, do not depend on the machine's load from one op
+    to the next."""
     if threads is not None and threads < 1:
         raise ValueError(f"row threads must be >= 1, or None (torch's count), got {threads}")
     global _row_threads
@@ -71,6 +96,27 @@ def _on_row_threads(fn):
             torch.set_num_threads(threads)
 
     return wrapper
+
+
+def _cpp_rows(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ row ops take these `[R, V]` tensors: CPU, fp32 or bf16, V >= 1, unit column stride and rows
+    that do not overlap (any row stride >= V)."""
+    return all(
+        t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.dim() == 2 and t.shape[1] >= 1
+        and (t.shape[1] == 1 or t.stride(1) == 1) and (t.shape[0] <= 1 or t.stride(0) >= t.shape[1])
+        for t in tensors
+    )
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of CPU tensor `t` for the C++ row ops: bf16 as its uint16 bit patterns."""
+    t = t.detach()
+    return (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def _vec(t: torch.Tensor, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """`t [R]` as a contiguous numpy array of `dtype` (a view when it already is one)."""
+    return t.detach().to(dtype).contiguous().numpy()
 
 
 def _blocks(rows: int, n_cols: int) -> tuple[int, range]:
@@ -121,6 +167,11 @@ def row_stats(
     inv_t = 1.0 / temperature
     lse = torch.empty(rows, device=logits.device, dtype=torch.float32)
     entropy = torch.empty_like(lse) if return_entropy else None
+    if _cpp_rows(logits):
+        logp = torch.empty_like(lse)
+        _tiling.row_stats(_np(logits), _vec(targets, torch.int64), inv_t, logp.numpy(), lse.numpy(),
+                          None if entropy is None else entropy.numpy(), num_threads=row_threads_now())
+        return logp, lse, entropy
     step, starts = _blocks(rows, n_cols)
     e = torch.empty(min(step, rows), n_cols, device=logits.device, dtype=torch.float32)
     zm = torch.empty_like(e) if return_entropy else None
@@ -143,14 +194,18 @@ def logprobs_and_grad_(
     dlogp_fn: DlogpFn,
     grad_entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs and entropies of `logits [R, V]`, and `d loss / d logits` written over the logits, in one pass:
-    per block, the statistics, then `g = dlogp_fn(...)` (the loss gradient needs the log-probs), then
-    `d z = g (onehot - p) / T` from the block's `exp` still in cache, plus `- g_H p (log p + H) / T` when
-    `grad_entropy` (`g_H [R]`, fp32) is given. Returns fp32 `logp [R]`, `entropy [R]`."""
+    """Log-probs and entropies of `logits [R, V]`, and `d loss / d logits` written over the logits: the
+    statistics, then `g = dlogp_fn(start, end, logp, entropy)` (the loss gradient needs the log-probs), then
+    `d z = g (onehot - p) / T`, plus `- g_H p (log p + H) / T` when `grad_entropy` (`g_H [R]`, fp32) is given.
+    The C++ path calls `dlogp_fn` once, for rows 0:R; the torch fallback once per block, from the block's `exp`
+    still in cache. Returns fp32 `logp [R]`, `entropy [R]`."""
     rows, n_cols = logits.shape
     inv_t = 1.0 / temperature
     logp = torch.empty(rows, device=logits.device, dtype=torch.float32)
     entropy = torch.empty_like(logp)
+    if _cpp_rows(logits):
+        _cpp_logprobs_and_grad_(logits, targets, inv_t, dlogp_fn, grad_entropy, logp, entropy)
+        return logp, entropy
     target_logit = _target_logits(logits, targets, inv_t)
     step, starts = _blocks(rows, n_cols)
     e = torch.empty(min(step, rows), n_cols, device=logits.device, dtype=torch.float32)
@@ -179,6 +234,27 @@ def logprobs_and_grad_(
     return logp, entropy
 
 
+def _cpp_logprobs_and_grad_(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    inv_t: float,
+    dlogp_fn: DlogpFn,
+    grad_entropy: torch.Tensor | None,
+    logp: torch.Tensor,
+    entropy: torch.Tensor,
+) -> None:
+    """`logprobs_and_grad_` by the C++ row ops, filling `logp [R]` and `entropy [R]`: the statistics of every row
+    (and its max m and log s), one `dlogp_fn(0, R, ...)`, then `d logits` from log p = (z - m) / T - log s."""
+    rows = logits.shape[0]
+    z, ids, threads = _np(logits), _vec(targets, torch.int64), row_threads_now()
+    lse, row_max, log_sum = (np.empty(rows, dtype=np.float32) for _ in range(3))
+    _tiling.row_stats(z, ids, inv_t, logp.numpy(), lse, entropy.numpy(), row_max, log_sum, num_threads=threads)
+    g = _vec(dlogp_fn(0, rows, logp, entropy))
+    has_h = grad_entropy is not None
+    _tiling.row_grad(z, ids, inv_t, log_sum, g, shift=row_max, grad_entropy=_vec(grad_entropy) if has_h else None,
+                     entropy=entropy.numpy() if has_h else None, out=z, num_threads=threads)
+
+
 @_on_row_threads
 def row_grad(
     logits: torch.Tensor,
@@ -194,6 +270,12 @@ def row_grad(
     with `p = exp(z / T - lse)`."""
     rows, n_cols = logits.shape
     inv_t = 1.0 / temperature
+    if _cpp_rows(logits, out) and out.dtype == logits.dtype:
+        has_h = grad_entropy is not None
+        _tiling.row_grad(_np(logits), _vec(targets, torch.int64), inv_t, _vec(lse), _vec(grad_logp),
+                         grad_entropy=_vec(grad_entropy) if has_h else None, entropy=_vec(entropy) if has_h else None,
+                         out=_np(out), num_threads=row_threads_now())
+        return out
     step, starts = _blocks(rows, n_cols)
     scratch = torch.empty(min(step, rows), n_cols, device=logits.device, dtype=torch.float32)
     probs = torch.empty_like(scratch) if grad_entropy is not None else None

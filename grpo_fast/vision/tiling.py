@@ -1,4 +1,5 @@
-"""InternVL dynamic-resolution tiling over the C++ extension `grpo_fast._tiling` (its only importer).
+"""InternVL dynamic-resolution tiling over the C++ extension `grpo_fast._tiling` (which also holds the CPU row ops
+of `grpo_fast.kernels.rowwise_torch`; `isa` and `allow_simd` here pick the kernel path of both).
 
 The extension resamples exactly as the installed Pillow's 8-bit BICUBIC `Image.resize` (fixed-point
 coefficients, uint8 rounding between the passes, Pillow's pass order) and writes the normalized float32 tiles

@@ -29,19 +29,19 @@ def _inputs(b=2, t=15, d=8, v=40_000):
 
 
 def _spy(monkeypatch, seen: dict[str, list[int]]) -> None:
-    """Record torch's thread count in each row op (at its `_blocks` call) and in each chunk's
-    d hidden / d weight GEMMs (`GradBuffers.add_chunk`)."""
-    blocks, add_chunk = rowwise_torch._blocks, lm_head.GradBuffers.add_chunk
+    """Record torch's thread count in each row op (at its `_cpp_rows` call, which picks the C++ kernels or the torch
+    fallback) and in each chunk's d hidden / d weight GEMMs (`GradBuffers.add_chunk`)."""
+    cpp_rows, add_chunk = rowwise_torch._cpp_rows, lm_head.GradBuffers.add_chunk
 
-    def spying_blocks(*args):
+    def spying_cpp_rows(*args):
         seen["row ops"].append(torch.get_num_threads())
-        return blocks(*args)
+        return cpp_rows(*args)
 
     def spying_add_chunk(self, *args):
         seen["gemms"].append(torch.get_num_threads())
         return add_chunk(self, *args)
 
-    monkeypatch.setattr(rowwise_torch, "_blocks", spying_blocks)
+    monkeypatch.setattr(rowwise_torch, "_cpp_rows", spying_cpp_rows)
     monkeypatch.setattr(lm_head.GradBuffers, "add_chunk", spying_add_chunk)
 
 
