@@ -4,16 +4,13 @@
 #include "rowops.h"
 
 #include <algorithm>
-#include <atomic>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 #endif
 #include <cmath>
 #include <cstring>
-#include <system_error>
-#include <thread>
-#include <vector>
 
+#include "parallel.h"
 #include "rowops_kernels.h"
 #include "tiler.h"
 
@@ -97,29 +94,10 @@ RowKernels<T> pick_kernels() {
   return scalar::kernels<T>();
 }
 
-// fn(r) for every row r < rows, on up to num_threads threads (the caller's included), rows handed out in turn.
-template <class F>
-void for_rows(int64_t rows, int num_threads, const F& fn) {
-  std::atomic<int64_t> next{0};
-  auto worker = [&] {
-    for (int64_t r = next++; r < rows; r = next++) fn(r);
-  };
-  const int64_t extra = std::max<int64_t>(0, std::min<int64_t>(num_threads, rows) - 1);
-  std::vector<std::thread> threads;
-  threads.reserve(extra);
-  try {
-    for (int64_t t = 0; t < extra; ++t) threads.emplace_back(worker);
-  } catch (const std::system_error&) {
-    // No more threads (a thread limit, no memory for a stack): the ones started and this one do all the rows.
-  }
-  worker();
-  for (auto& t : threads) t.join();
-}
-
 template <class T>
 void stats_rows(const Logits& z, const int64_t* targets, float inv_t, const Stats& out, int num_threads) {
   const RowKernels<T> k = pick_kernels<T>();
-  for_rows(z.rows, num_threads, [&](int64_t r) {
+  parallel_for(z.rows, num_threads, [&](int64_t r) {
     const T* row = static_cast<const T*>(z.data) + r * z.stride;
     const float m = k.row_max(row, z.cols);
     float sums[kAccumulators], dots[kAccumulators];
@@ -138,7 +116,7 @@ void grad_rows(const Logits& z, const int64_t* targets, float inv_t, const GradI
                ptrdiff_t out_stride, int num_threads) {
   const RowKernels<T> k = pick_kernels<T>();
   const bool entropy = in.grad_entropy != nullptr;
-  for_rows(z.rows, num_threads, [&](int64_t r) {
+  parallel_for(z.rows, num_threads, [&](int64_t r) {
     const T* row = static_cast<const T*>(z.data) + r * z.stride;
     T* dst = out + r * out_stride;
     const float g = in.grad_logp[r];

@@ -12,9 +12,8 @@
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <system_error>
-#include <thread>
 
+#include "parallel.h"
 #include "resample.h"
 
 namespace grpo_fast {
@@ -291,33 +290,22 @@ bool vertical_first(int in_w, int in_h, int out_w, int out_h, bool vertical_firs
 
 // Runs `jobs` with `kern` on `num_threads` native threads (the caller's included); rethrows the first failure.
 void run_jobs(const std::vector<Job>& jobs, const Kernels& kern, int num_threads) {
-  std::atomic<size_t> next{0};
   std::exception_ptr failure;
   std::mutex failure_mutex;
-  auto worker = [&] {
-    for (size_t i = next++; i < jobs.size(); i = next++) {
-      try {
-        if (jobs[i].vertical_first)
-          for (const Target& t : jobs[i].targets) run_vertical_first(t, *jobs[i].image, kern);
-        else
-          run_horizontal_first(jobs[i], kern);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(failure_mutex);
-        if (!failure) failure = std::current_exception();
-        next = jobs.size();
-      }
+  std::atomic<bool> failed{false};
+  parallel_for(static_cast<int64_t>(jobs.size()), num_threads, [&](int64_t i) {
+    if (failed) return;  // after a failure the remaining jobs are skipped
+    try {
+      if (jobs[i].vertical_first)
+        for (const Target& t : jobs[i].targets) run_vertical_first(t, *jobs[i].image, kern);
+      else
+        run_horizontal_first(jobs[i], kern);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(failure_mutex);
+      if (!failure) failure = std::current_exception();
+      failed = true;
     }
-  };
-  const int extra = std::max(0, std::min<int>(num_threads, static_cast<int>(jobs.size())) - 1);
-  std::vector<std::thread> threads;
-  threads.reserve(extra);
-  try {
-    for (int t = 0; t < extra; ++t) threads.emplace_back(worker);
-  } catch (const std::system_error&) {
-    // No more threads (a thread limit, no memory for a stack): the ones started and this one do all the jobs.
-  }
-  worker();
-  for (auto& t : threads) t.join();
+  });
   if (failure) std::rethrow_exception(failure);
 }
 
