@@ -21,10 +21,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 SIZES = ("big", "small")
-# Half an object's extent in pixels. Large on purpose: with objects this size on 96-192 px canvases the tiny
-# model's vision tower (trained from scratch) starts using the image within the SFT budget; at 17/10 px on
-# 96-256 px canvases its loss did not depend on the image at all after 700 steps.
-RADIUS = {"big": 24, "small": 14}
+# Half an object's extent in pixels. Each object fills most of one 32-px cell of a layout aligned with the tiny
+# model's 64-px tiles (grpo_fast.data.synthetic), so no tile edge cuts it and each tile shows it at full size.
+RADIUS = {"big": 14, "small": 9}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 
 

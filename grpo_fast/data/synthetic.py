@@ -3,8 +3,10 @@
 An item is unambiguous when exactly one object fits the question ("What colour is the triangle?" with one
 triangle) and ambiguous when two or three do. Each line is in the seed format plus the ground truth the rule
 judge checks: `target` (what the question refers to) and `scene` (every object with shape, colour, size and
-position). Levels alternate within each split (balanced), canvases have varied sizes and aspect ratios (so
-tiling gives 1..N tiles), and everything is a function of the seed.
+position). Levels alternate within each split (balanced), and everything is a function of the seed. Canvases are
+1 x 1, 2 x 1, 1 x 2 or 2 x 2 tiles of the tiny model's 64 px (so tiling gives 1, 2 or 4 tiles, plus the thumbnail),
+and each object sits in its own 32-px cell of that grid: no tile edge cuts an object. On free positions over
+96-192 px canvases, the tiny model's warm start and GRPO lifted the val reward less (docs/experiments.md).
 
     python -m grpo_fast.data.synthetic --out data/synthetic --n 2000 --seed 0
 """
@@ -20,23 +22,21 @@ from grpo_fast.data.phrasing import gold_answer, question, warm_start_reply
 from grpo_fast.data.scene import COLOURS, RADIUS, SHAPES, SIZES, Scene, SceneObject, Target, render
 
 SPLITS = ("train", "val")
-MIN_SIDE, MAX_SIDE = 96, 192  # canvas side range in pixels
-MARGIN = 3  # minimum gap in pixels between objects and to the border
+TILE = 64  # the tiny model's tile side in pixels
+CELL = TILE // 2  # one object per cell of a cell grid aligned with the tiles: no tile edge cuts an object
+GRIDS = ((1, 1), (2, 1), (1, 2), (2, 2))  # canvas sizes in tiles (cols, rows): 1..4 tiles, several aspect ratios
 
 
-def _place(rng: random.Random, width: int, height: int, specs: list[tuple[str, str, str]]) -> list[SceneObject] | None:
-    """Non-overlapping positions for (shape, colour, size) specs, or None when they do not fit."""
-    placed: list[SceneObject] = []
-    for shape, colour, size in specs:
-        r = RADIUS[size]
-        for _ in range(100):
-            x, y = rng.randint(r + MARGIN, width - r - MARGIN), rng.randint(r + MARGIN, height - r - MARGIN)
-            # Bounding squares must not overlap (shapes are drawn inside their square).
-            if all(max(abs(x - o.x), abs(y - o.y)) > r + RADIUS[o.size] + MARGIN for o in placed):
-                placed.append(SceneObject(shape, colour, size, x, y))
-                break
-        else:
-            return None
+def _place(rng: random.Random, cols: int, rows: int, specs: list[tuple[str, str, str]]) -> list[SceneObject]:
+    """One (shape, colour, size) spec per random cell of a `cols x rows`-tile canvas, centred in it give or take a
+    few pixels of jitter."""
+    cells = rng.sample([(cx, cy) for cy in range(rows * TILE // CELL) for cx in range(cols * TILE // CELL)], len(specs))
+    placed = []
+    for (shape, colour, size), (cx, cy) in zip(specs, cells):
+        slack = CELL // 2 - RADIUS[size] - 1
+        x = cx * CELL + CELL // 2 + rng.randint(-slack, slack)
+        y = cy * CELL + CELL // 2 + rng.randint(-slack, slack)
+        placed.append(SceneObject(shape, colour, size, x, y))
     return placed
 
 
@@ -51,13 +51,11 @@ def sample_scene(rng: random.Random, ambiguous: bool) -> tuple[Scene, Target]:
     others = [s for s in SHAPES if s != target.shape]
     specs += [(rng.choice(others), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(rng.randint(1, 3))]
     rng.shuffle(specs)
-    while True:
-        width, height = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
-        objects = _place(rng, width, height, specs)
-        if objects is not None:
-            base = rng.randint(225, 250)
-            background = (base + rng.randint(-5, 5), base + rng.randint(-5, 5), base + rng.randint(-5, 5))
-            return Scene(width, height, background, tuple(objects)), target
+    cols, rows = rng.choice([g for g in GRIDS if g[0] * g[1] * (TILE // CELL) ** 2 >= len(specs)])
+    objects = _place(rng, cols, rows, specs)
+    base = rng.randint(225, 250)
+    background = (base + rng.randint(-5, 5), base + rng.randint(-5, 5), base + rng.randint(-5, 5))
+    return Scene(cols * TILE, rows * TILE, background, tuple(objects)), target
 
 
 def item_rng(seed: int, split: str, index: int) -> random.Random:

@@ -14,8 +14,9 @@ import torch
 from grpo_fast.data.scene import COLOURS, RADIUS, SHAPES, SIZES, Scene
 
 MAX_COUNT = 3  # "same shape" counts above this are labelled MAX_COUNT
-# Classes per attribute; 0 is background (no object under the token) and, for "count", also a tile token: only
-# the thumbnail sees the whole picture, so only its tokens are asked how many objects share their object's shape.
+# Classes per attribute; 0 is background (no object under the token) and, for "count", also a tile token: only a
+# tile that shows the whole picture (the thumbnail, or the one tile of a 1 x 1 grid) is asked how many objects share
+# its object's shape.
 NUM_CLASSES = {"shape": 1 + len(SHAPES), "colour": 1 + len(COLOURS), "size": 1 + len(SIZES), "count": 1 + MAX_COUNT}
 
 
@@ -30,7 +31,8 @@ def _label(scene: Scene, x: float, y: float, whole_picture: bool) -> tuple[int, 
 
 def token_labels(scene: Scene, grid: tuple[int, int], num_tiles: int, side: int) -> torch.Tensor:
     """`[num_tiles * side^2, 4]` long labels of every image token: shape, colour, size (0 = background) and, on
-    the thumbnail, how many objects have the shape of the token's object (0 = background or a tile token).
+    a tile showing the whole picture (the thumbnail, or the one tile of a 1 x 1 grid), how many objects have the
+    shape of the token's object (0 = background or another tile's token).
 
     `grid` is the tiler's (cols, rows); `num_tiles` is `cols * rows`, plus one when a thumbnail follows.
     """
@@ -38,7 +40,8 @@ def token_labels(scene: Scene, grid: tuple[int, int], num_tiles: int, side: int)
     if num_tiles not in (cols * rows, cols * rows + 1):
         raise ValueError(f"num_tiles must be cols * rows ({cols * rows}) or one more (thumbnail), got {num_tiles}")
     # (column, row, scene pixels per tile) of each tile; the thumbnail is one tile spanning the whole scene
-    tiles = [(k % cols, k // cols, scene.width / cols, scene.height / rows, False) for k in range(cols * rows)]
+    whole = num_tiles == 1  # a 1 x 1 grid: its only tile is the whole picture
+    tiles = [(k % cols, k // cols, scene.width / cols, scene.height / rows, whole) for k in range(cols * rows)]
     if num_tiles > cols * rows:
         tiles.append((0, 0, float(scene.width), float(scene.height), True))
     labels = [

@@ -7,6 +7,7 @@ import pytest
 
 from grpo_fast.data import Scene, Target, load_seed
 from grpo_fast.data.phrasing import count_question, count_reply, describe
+from grpo_fast.data.scene import RADIUS
 from grpo_fast.data.synthetic import main, write_dataset
 from grpo_fast.vision import closest_grid
 
@@ -53,6 +54,20 @@ def test_canvas_sizes_give_varied_tile_counts(data):
     grids = {closest_grid(it["scene"]["width"], it["scene"]["height"], 64, 1, 4) for it in items}
     tiles = {cols * rows for cols, rows in grids}
     assert {2, 4} <= tiles  # 1x2, 2x1 and 2x2 grids (plus the thumbnail) at the tiny model's 64-pixel tiles
+
+
+def test_objects_sit_one_per_cell_of_the_tile_grid(data):
+    """Canvases are whole 64-px tiles and each object lies inside its own 32-px cell, so no tile edge cuts one."""
+    _, paths = data
+    for it in load_seed(paths["train"]):
+        scene = Scene.from_dict(it["scene"])
+        assert scene.width % 64 == 0 and scene.height % 64 == 0 and scene.width * scene.height <= 4 * 64 * 64
+        cells = set()
+        for o in scene.objects:
+            r, cell = RADIUS[o.size], (o.x // 32, o.y // 32)
+            assert (o.x - r) // 32 == (o.x + r) // 32 == cell[0] and (o.y - r) // 32 == (o.y + r) // 32 == cell[1]
+            cells.add(cell)
+        assert len(cells) == len(scene.objects)
 
 
 def test_cli_writes_splits_and_rejects_bad_n(tmp_path, capsys):

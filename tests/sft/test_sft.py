@@ -77,13 +77,23 @@ def test_vision_pretraining_lowers_its_loss_then_sft_keeps_the_tower_frozen(tmp_
     )
 
 
-def test_vision_pretraining_on_one_tile_images_has_no_count_to_learn(tmp_path):
-    scene = Scene(64, 64, (240, 240, 240), (SceneObject("circle", "red", "big", 32, 32),))
-    render(scene).save(tmp_path / "one.png")
-    item = {"image": str(tmp_path / "one.png"), "scene": scene.to_dict()}
-    metrics = pretrain_vision(load_policy("tiny"), [item], [item], 2, 1, 1e-3, lambda s: 1.0, seed=0)
-    assert math.isfinite(metrics["vision_loss_last"]) and metrics["vision_val_acc/shape"] >= 0.0
-    assert "vision_val_acc/count" not in metrics  # no thumbnail: no token is asked to count
+def test_vision_pretraining_counts_on_the_one_tile_of_a_one_tile_image(tmp_path):
+    policy = load_policy("tiny")
+    scenes = {
+        "one": Scene(64, 64, (240, 240, 240), (SceneObject("circle", "red", "big", 16, 16),)),
+        "empty": Scene(64, 64, (240, 240, 240), ()),
+    }
+    items = {}
+    for name, scene in scenes.items():
+        render(scene).save(tmp_path / f"{name}.png")
+        items[name] = {"image": str(tmp_path / f"{name}.png"), "scene": scene.to_dict()}
+    # the one tile is the whole picture, so its tokens on the circle are asked how many circles there are
+    metrics = pretrain_vision(policy, [items["one"]], [items["one"]], 2, 1, 1e-3, lambda s: 1.0, seed=0)
+    assert math.isfinite(metrics["vision_loss_last"]) and 0.0 <= metrics["vision_val_acc/count"] <= 1.0
+    # no object: nothing under any token, so no count (nor shape) is measured
+    metrics = pretrain_vision(policy, [items["empty"]], [items["empty"]], 2, 1, 1e-3, lambda s: 1.0, seed=0)
+    assert math.isfinite(metrics["vision_loss_last"])
+    assert "vision_val_acc/count" not in metrics and "vision_val_acc/shape" not in metrics
 
 
 def test_vision_steps_default_to_pretraining_only_a_preset_model():

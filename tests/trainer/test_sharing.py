@@ -109,8 +109,10 @@ def test_one_micro_batch_loss_and_gradients_equal_the_per_row_layout(model, synt
     (loss_s, grads_s), (loss_p, grads_p) = results
     torch.testing.assert_close(loss_s, loss_p, rtol=1e-6, atol=1e-7)
     assert grads_s.keys() == grads_p.keys() and any("vision" in n or "visual" in n for n in grads_s)
+    # the shared layout sums each image's G rows of vision gradient in another order: entries near zero differ by
+    # ~1e-7 (one in 16384 of the projector's on the synthetic data)
     for name, grad in grads_p.items():
-        torch.testing.assert_close(grads_s[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(grads_s[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_short_run_equals_the_per_row_layout(synthetic_data, monkeypatch):
