@@ -9,6 +9,7 @@ from grpo_fast.data import Scene, Target, load_seed
 from grpo_fast.data.phrasing import count_question, count_reply, describe
 from grpo_fast.data.scene import RADIUS
 from grpo_fast.data.synthetic import main, write_dataset
+from grpo_fast.models.tiny import TinySpec
 from grpo_fast.vision import closest_grid
 
 
@@ -57,16 +58,19 @@ def test_canvas_sizes_give_varied_tile_counts(data):
 
 
 def test_objects_sit_one_per_cell_of_the_tile_grid(data):
-    """Canvases are whole 64-px tiles and each object lies inside its own 32-px cell, so no tile edge cuts one."""
+    """Canvases are whole tiles of the tiny model and each object lies inside its own half-tile cell, so no tile
+    edge cuts one (the generator's TILE must follow the model's tile size, which it cannot import)."""
     _, paths = data
+    tile = TinySpec().tile_size
+    cell = tile // 2
     for it in load_seed(paths["train"]):
         scene = Scene.from_dict(it["scene"])
-        assert scene.width % 64 == 0 and scene.height % 64 == 0 and scene.width * scene.height <= 4 * 64 * 64
+        assert scene.width % tile == 0 and scene.height % tile == 0 and scene.width * scene.height <= 4 * tile * tile
         cells = set()
         for o in scene.objects:
-            r, cell = RADIUS[o.size], (o.x // 32, o.y // 32)
-            assert (o.x - r) // 32 == (o.x + r) // 32 == cell[0] and (o.y - r) // 32 == (o.y + r) // 32 == cell[1]
-            cells.add(cell)
+            r, (cx, cy) = RADIUS[o.size], (o.x // cell, o.y // cell)
+            assert (o.x - r) // cell == (o.x + r) // cell == cx and (o.y - r) // cell == (o.y + r) // cell == cy
+            cells.add((cx, cy))
         assert len(cells) == len(scene.objects)
 
 
