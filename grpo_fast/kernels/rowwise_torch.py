@@ -28,13 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-try:
-    from grpo_fast import _tiling
-except ImportError as err:  # pragma: no cover - only without a build
-    raise ImportError(
-        "grpo_fast._tiling (the C++ row ops and image tiler) is not built: run `pip install -e .` in the repository "
-        "root (needs g++ and CMake)"
-    ) from err
+from grpo_fast.native import _tiling
 
 _BLOCK_ELEMS = 1 << 19  # fp32 values per scratch block: 2 MiB (3 rows at a 150k vocab), so the block and its two
 # scratch buffers stay in a shared 32 MiB L3 under load, while ~10 us of dispatch per op is still amortized over

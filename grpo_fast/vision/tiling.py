@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from grpo_fast.native import _tiling
 from grpo_fast.vision.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -26,14 +27,6 @@ from grpo_fast.vision.common import (
     tile_count,
     to_rgb,
 )
-
-try:
-    from grpo_fast import _tiling
-except ImportError as err:  # pragma: no cover - only without a build
-    raise ImportError(
-        "grpo_fast._tiling (the C++ image tiler) is not built: run `pip install -e .` in the repository root "
-        "(needs g++ and CMake)"
-    ) from err
 
 
 def closest_grid(
