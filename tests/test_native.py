@@ -16,4 +16,3 @@ def test_an_unbuilt_extension_says_how_to_build_it(module):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError: grpo_fast._tiling (the C++ image tiler and row ops) is not built")
     assert "pip install -e ." in last
-
