@@ -27,10 +27,15 @@ CELL = TILE // 2  # one object per cell of a cell grid aligned with the tiles: n
 GRIDS = ((1, 1), (2, 1), (1, 2), (2, 2))  # canvas sizes in tiles (cols, rows): 1..4 tiles, several aspect ratios
 
 
+def _cells(cols: int, rows: int) -> list[tuple[int, int]]:
+    """(column, row) of every CELL-px cell of a `cols x rows`-tile canvas, row by row."""
+    return [(cx, cy) for cy in range(rows * TILE // CELL) for cx in range(cols * TILE // CELL)]
+
+
 def _place(rng: random.Random, cols: int, rows: int, specs: list[tuple[str, str, str]]) -> list[SceneObject]:
     """One (shape, colour, size) spec per random cell of a `cols x rows`-tile canvas, centred in it give or take a
     few pixels of jitter."""
-    cells = rng.sample([(cx, cy) for cy in range(rows * TILE // CELL) for cx in range(cols * TILE // CELL)], len(specs))
+    cells = rng.sample(_cells(cols, rows), len(specs))
     placed = []
     for (shape, colour, size), (cx, cy) in zip(specs, cells):
         slack = CELL // 2 - RADIUS[size] - 1
@@ -51,7 +56,7 @@ def sample_scene(rng: random.Random, ambiguous: bool) -> tuple[Scene, Target]:
     others = [s for s in SHAPES if s != target.shape]
     specs += [(rng.choice(others), rng.choice(list(COLOURS)), rng.choice(SIZES)) for _ in range(rng.randint(1, 3))]
     rng.shuffle(specs)
-    cols, rows = rng.choice([g for g in GRIDS if g[0] * g[1] * (TILE // CELL) ** 2 >= len(specs)])
+    cols, rows = rng.choice([g for g in GRIDS if len(_cells(*g)) >= len(specs)])
     objects = _place(rng, cols, rows, specs)
     base = rng.randint(225, 250)
     background = (base + rng.randint(-5, 5), base + rng.randint(-5, 5), base + rng.randint(-5, 5))
