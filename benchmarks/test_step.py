@@ -1,8 +1,8 @@
 """Seconds per GRPO step: grpo_fast against TRL's GRPOTrainer on the same tiny InternVL, data, prompts and settings.
 
 Both sides train the tiny preset's step on the built-in InternVL (random init, seed 0, no warm start, fp32, CPU) at
-half its batch: G = 4, 32 completions (8 prompts; the preset takes 16), at most 40 completion tokens, temperature 0.7, beta 0.04 with a frozen reference,
-DAPO loss, lr 1e-4 cosine after 5 warm-up steps, the rule judge as the reward. The 8 prompts are the same 8 items on
+half its batch: G = 4, 32 completions (8 prompts; the preset takes 16), at most 40 completion tokens, temperature
+0.7, beta 0.04 with a frozen reference, DAPO loss, lr 1e-4 cosine after 5 warm-up steps, the rule judge as the reward. The 8 prompts are the same 8 items on
 both sides, so every step sees the same prompts (token for token: TRL's processor expands the image tokens as
 `grpo_fast.models.inputs.collate` does). Each measurement is a fresh process (`python benchmarks/test_step.py
 --worker ...`) that runs STEPS steps and reports the median step after the first (warm-up) and its peak RSS; a row
