@@ -1,7 +1,7 @@
 """The GRPO run configuration: one dataclass of plain, commented defaults, named presets, YAML and CLI overrides.
 
 GRPO knobs carry TRL's `GRPOConfig` names and defaults (beta 0.0, epsilon 0.2, loss_type "dapo", ...); a preset
-overrides some of them: "tiny" (the default: the built-in model on 2 CPU cores, ~12 minutes end to end) and
+overrides some of them: "tiny" (the default: the built-in model on 2 CPU cores, 10-16 minutes end to end) and
 "reference" (docs/design.md's settings for a 2B VLM with LoRA). Precedence, lowest first: dataclass defaults, the
 preset, `--config file.yaml`, `--key value` flags. Every bad value raises `ConfigError` with one line that says
 what to fix.
@@ -106,6 +106,12 @@ class GRPOConfig:
     )
     lora: int = option(0, "LoRA rank on all attention and MLP projections (0: full fine-tuning; needs peft)", "model")
     lora_alpha: int = option(16, "LoRA alpha", "model")
+    freeze_vision_tower: bool = option(
+        False,
+        "keep the vision tower's weights (LoRA adapters included) fixed; InternVL's projector still trains, Qwen-VL's "
+        "merger is part of its tower",
+        "model",
+    )
     gradient_checkpointing: bool = option(False, "recompute activations in the backward to save memory", "model")
     bf16: bool = option(False, "bf16 autocast (CUDA only; ignored on CPU)", "model")
     cast_lm_head_to_fp32: bool = option(
@@ -344,7 +350,7 @@ class GRPOConfig:
 
 # Presets: overrides of the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The tiny InternVL on 2 CPU cores: after the warm start (~6 minutes), ~5.5 minutes of GRPO and its evaluations; a
+    # The tiny InternVL on 2 CPU cores: after the warm start (6-9 minutes), 4.5-8 minutes of GRPO and its evaluations; a
     # high learning rate and short completions suit a ~1.1 M-parameter model whose replies are one or two sentences.
     "tiny": {
         "name": "grpo-tiny",
@@ -355,7 +361,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # machine) 300 steps beat 150 on every one of seeds 0-2 (mean lift +0.160 against +0.092), and at one thread
         # 450 beat 300 on every one of them (+0.195 against +0.148, with fewer factual errors) while 600 was level
         # with 450 (+0.200) for another minute of training; 16 prompts per step (batch 64) beat 8 on the warm starts
-        # of seeds 0-5 with fewer misses of the per-seed bars, for ~2 more minutes (docs/experiments.md).
+        # of seeds 0-5 with fewer misses of the per-seed bars, for ~2 more minutes; a fixed vision tower (the warm
+        # start's) beat a trained one on each of seeds 0-2 (mean lift +0.220 against +0.192; docs/experiments.md).
+        "freeze_vision_tower": True,
         "max_steps": 450,
         "num_generations": 4,
         "batch_size": 64,

@@ -113,6 +113,8 @@ def build_policy(cfg: GRPOConfig, source: str, env: DistEnv) -> tuple[Policy, to
         ref = copy.deepcopy(model).eval().requires_grad_(False).to(env.device)
     if cfg.lora:
         model = _apply_lora(model, cfg)
+    if cfg.freeze_vision_tower:
+        model.get_encoder(modality="image").requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora:
