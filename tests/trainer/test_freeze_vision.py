@@ -11,13 +11,9 @@ from grpo_fast.distributed import DistEnv
 from grpo_fast.trainer import GRPOTrainer
 from grpo_fast.trainer.setup import build_policy
 from tests.models.tiny_qwen_vl import save_tiny_qwen_vl
+from tests.trainer.rewards import varied_reward
 
 CPU = DistEnv(0, 1, torch.device("cpu"))
-
-
-def varied_reward(prompts, completions, **columns):
-    """A reward that tells a random model's completions apart (a function of their characters)."""
-    return [(sum(map(ord, c)) % 5) / 4 for c in completions]
 
 
 @pytest.mark.parametrize("model, lora", [("tiny", 0), ("qwen2_vl", 0), ("tiny", 4)])

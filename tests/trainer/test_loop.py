@@ -20,6 +20,7 @@ from grpo_fast.train import main
 from grpo_fast.trainer import GRPOTrainer
 from tests.models.tiny_qwen_vl import save_tiny_qwen_vl
 from tests.trainer.gradients import assert_same_gradients
+from tests.trainer.rewards import varied_reward
 
 CPU = DistEnv(0, 1, torch.device("cpu"))
 
@@ -84,11 +85,6 @@ def test_default_path_writes_every_artifact(tmp_path, train, capsys, monkeypatch
 
 def _copy_params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def varied_reward(prompts, completions, **columns):
-    """A reward that tells a random model's completions apart (a function of their characters)."""
-    return [(sum(map(ord, c)) % 5) / 4 for c in completions]
 
 
 @pytest.mark.parametrize(

@@ -18,13 +18,9 @@ from grpo_fast.models import load_policy
 from grpo_fast.trainer import GRPOTrainer
 from grpo_fast.trainer.entropy import EntropyControl, global_entropy_mask
 from tests.trainer.gradients import assert_same_gradients
+from tests.trainer.rewards import varied_reward
 
 CPU = DistEnv(0, 1, torch.device("cpu"))
-
-
-def varied_reward(prompts, completions, **columns):
-    """A reward that tells a random model's completions apart (a function of their characters)."""
-    return [(sum(map(ord, c)) % 5) / 4 for c in completions]
 
 
 def length_reward(prompts, completions, **columns):
