@@ -1,7 +1,7 @@
 """The GRPO run configuration: one dataclass of plain, commented defaults, named presets, YAML and CLI overrides.
 
 GRPO knobs carry TRL's `GRPOConfig` names and defaults (beta 0.0, epsilon 0.2, loss_type "dapo", ...); a preset
-overrides some of them: "tiny" (the default: the built-in model on 2 CPU cores, 10-16 minutes end to end) and
+overrides some of them: "tiny" (the default: the built-in model on 2 CPU cores, 10-17 minutes end to end) and
 "reference" (docs/design.md's settings for a 2B VLM with LoRA). Precedence, lowest first: dataclass defaults, the
 preset, `--config file.yaml`, `--key value` flags. Every bad value raises `ConfigError` with one line that says
 what to fix.
