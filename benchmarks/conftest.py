@@ -3,29 +3,12 @@ torch's version and the thread counts. Printed in pytest's header and saved in t
 (key "grpo_fast"), so that a figure always names the machine it came from."""
 
 import os
-import platform
 from functools import cache
 
 import pytest
 import torch
 
-
-def cpu_model() -> str:
-    """The CPU's model name, with family/model/stepping where /proc/cpuinfo has them (VMs often mask the name)."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if not line.strip():
-                    break  # the first processor's block is enough
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name", platform.processor() or platform.machine())
-    if "cpu family" in fields:
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')}, stepping {fields.get('stepping', '?')})"
-    return name
+from grpo_fast.machine import cpu_model
 
 
 @cache

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import cpu_model
+
+from grpo_fast.machine import cpu_model
 
 STEPS = 3  # per process: one warm-up step, then the measured ones
 RUNS = int(os.environ.get("GRPO_FAST_BENCH_RUNS", "4"))  # fresh processes per row

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -31,6 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from grpo_fast.machine import cpu_model
+
 KEYS = ("eval/reward", "eval/strategy_acc_ambig", "eval/strategy_acc_unambig", "eval/factual_pass")
 # What the default is meant to reach on every seed (the lift also on the mean), within 15 minutes on 2 cores.
 BAR = {"lift": 0.15, "mean_lift": 0.20, "ambig": 0.6, "unambig": 0.8, "factual_drop": 0.05, "wall_seconds": 15 * 60}
@@ -38,15 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def machine() -> dict[str, Any]:
-    """The CPU model (/proc/cpuinfo's "model name"), core count and torch version."""
-    cpu = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": metadata.version("torch")}
+    """The CPU model (with family, model and stepping), core count and torch version."""
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": metadata.version("torch")}
 
 
 def run_seed(seed: int, out: Path, trainer_args: list[str], parallel: bool) -> dict[str, Any]:
