@@ -1,6 +1,6 @@
 """Supervised warm start: teach the policy the format and wording of both behaviours before GRPO.
 
-    python -m grpo_fast.sft                      # synthetic data, tiny model, 6-9 minutes on 2 CPU cores
+    python -m grpo_fast.sft                      # synthetic data, tiny model, 4-9 minutes on 2 CPU cores
     python -m grpo_fast.sft --data DIR --targets gold --model PATH --vision-steps 0
 
 For a preset model (a vision tower from random weights) the vision tower is first pretrained on per-token object
@@ -50,7 +50,7 @@ TINY_VISION_STEPS = 2000
 @dataclass
 class SFTConfig:
     """SFT settings; the defaults are the tiny CPU warm start (2000 vision steps, then 1500 SFT steps at lr 1e-3:
-    6-9 minutes on 2 cores)."""
+    4-9 minutes on 2 cores)."""
 
     # data
     data: str | None = option(None, "folder with train.jsonl/val.jsonl; default: generate", "data")
