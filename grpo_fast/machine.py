@@ -1,14 +1,15 @@
 """What a figure names as its machine: the CPU model as /proc/cpuinfo gives it."""
 
 import platform
+from pathlib import Path
 
 
-def cpu_model() -> str:
-    """The CPU's model name, with family/model/stepping where /proc/cpuinfo has them (VMs often mask the name:
-    "AMD EPYC (family 26, model 2, stepping 0)")."""
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name, with family/model/stepping where `cpuinfo` has them (VMs often mask the name:
+    "AMD EPYC (family 26, model 2, stepping 1)"); the platform's processor name without the file."""
     fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
+        with open(cpuinfo, encoding="utf-8") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 if not line.strip():
