@@ -79,6 +79,29 @@ class Batch:
         rows = self.row_images
         return torch.cat([torch.arange(s, s + n) for s, n in zip(starts[rows].tolist(), sizes[rows].tolist())])
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The batch of `rows` (`[B']` long, ascending) alone, with only the images they show; prompt and completion
+        widths stay P and C."""
+        sizes = self.num_tiles if self.image_grid_thw is None else self.image_grid_thw.prod(-1)
+        images, index = torch.unique(self.row_images[rows], return_inverse=True)  # ascending, as rows are
+        starts = (sizes.cumsum(0) - sizes)[images].tolist()
+        units = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes[images].tolist())])
+
+        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[rows]
+
+        return Batch(
+            prompt_ids=self.prompt_ids[rows],
+            prompt_mask=self.prompt_mask[rows],
+            pixel_values=self.pixel_values[units],
+            num_tiles=None if self.num_tiles is None else self.num_tiles[images],
+            image_grid_thw=None if self.image_grid_thw is None else self.image_grid_thw[images],
+            image_token_mask=pick(self.image_token_mask),
+            completion_ids=pick(self.completion_ids),
+            completion_mask=pick(self.completion_mask),
+            image_index=None if self.image_index is None else index,
+        )
+
     def _vision_inputs(self, width: int, pixels: bool) -> dict[str, torch.Tensor]:
         shared = self.image_index is not None
         out = {"pixel_values": self.pixel_values[self.row_units()] if shared else self.pixel_values} if pixels else {}

@@ -5,6 +5,7 @@ GRPO (DeepSeekMath, arXiv:2402.03300) with TRL's knobs. Each step:
    cache, stop at EOS, temperature / top-k / top-p with per-row seeded generators, see `trainer.rollout`);
 2. reward: every reward function `(prompts, completions, **columns) -> list[float | None]` (None: unscorable);
 3. advantage: rewards gathered over ranks, `group_advantages` over whole groups (weighted sum over functions);
+   with mask_zero_std_groups, the groups whose rewards are all equal leave the later phases (`Rollout.trained`);
 4. old log-probs (when num_iterations > 1) and reference log-probs (when beta > 0) with `fused_linear_logprobs`;
 5. num_iterations updates, each: `fused_linear_grpo_loss` on the policy's last hidden states and lm_head (never
    full logits) for every micro-batch, gradients summed over micro-batches and ranks, clipped, AdamW, schedule.
@@ -107,6 +108,12 @@ def nan_std(groups: torch.Tensor) -> torch.Tensor:
     count = valid.sum(dim=1)
     centered = torch.where(valid, groups - groups.nanmean(dim=1, keepdim=True), 0.0)
     return torch.where(count > 1, (centered.square().sum(dim=1) / (count - 1).clamp(min=1)).sqrt(), 0.0)
+
+
+def zero_std_groups(total: torch.Tensor, group: int) -> torch.Tensor:
+    """`[B / G]` True for each group of `total [B]` (weighted rewards, NaN = unscorable) whose rewards are all equal,
+    or with fewer than two scorable: its advantages carry no signal."""
+    return nan_std(total.view(-1, group)) < 1e-6
 
 
 def judge_metrics(judge: Judge, env: DistEnv) -> dict[str, float]:
@@ -283,10 +290,28 @@ class GRPOTrainer:
         with self.timed("reward"):
             rewards = self.score(items, texts)
             advantages = self.compute_advantages(rewards)
+        rows, train = self.signal_rows(rewards), batch
+        if rows is not None and len(rows):
+            train = batch.select(rows)
+        elif rows is not None:  # no signal: a zero-mask group keeps this micro-batch's forward (and FSDP's) in step
+            train = batch.select(torch.arange(G))
+            train.completion_mask = torch.zeros_like(train.completion_mask)
         with self.timed("logprobs"):
-            old_logp = self.logprobs(self.policy.model, batch) if cfg.num_iterations > 1 else None
-            ref_logp = self.reference_logprobs(batch) if cfg.beta > 0 else None
-        return Rollout(items, batch, texts, rewards, advantages, old_logp, ref_logp, out.truncated)
+            old_logp = self.logprobs(self.policy.model, train) if cfg.num_iterations > 1 else None
+            ref_logp = self.reference_logprobs(train) if cfg.beta > 0 else None
+        return Rollout(items, batch, texts, rewards, advantages, old_logp, ref_logp, out.truncated, out.mask.sum(1),
+                       rows, train)
+
+    def signal_rows(self, rewards: torch.Tensor) -> torch.Tensor | None:
+        """With mask_zero_std_groups, the `[B']` rows (ascending) of the groups whose rewards differ, when some do
+        not (a group's G rows sit in one micro-batch, so its rewards are all here); else None: every row trains."""
+        if not self.cfg.mask_zero_std_groups:
+            return None
+        G = self.cfg.num_generations
+        dead = zero_std_groups(weighted_reward_sum(rewards, self.reward_weights), G)
+        if not dead.any():
+            return None
+        return (~dead).repeat_interleave(G).nonzero().squeeze(1)
 
     def score(self, items: list[dict[str, Any]], texts: list[str]) -> torch.Tensor:
         """`[B, K]` rewards of every function (TRL's call: prompts, completions, dataset columns); NaN = None."""
@@ -335,13 +360,14 @@ class GRPOTrainer:
     def loss(self, r: Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The micro-batch's GRPO loss (normalised within the micro-batch, as the kernel defines it)."""
         cfg, dev = self.cfg, self.env.device
+        batch, advantages = r.trained
         with self._autocast():
             hidden = completion_hidden(
-                self.policy.model, r.batch, dev, share_prompt=not cfg.gradient_checkpointing
+                self.policy.model, batch, dev, share_prompt=not cfg.gradient_checkpointing
             )
         head = lm_head(self.policy.model)
         to = lambda t: None if t is None else t.to(dev)
-        targets, mask = r.batch.completion_ids.to(dev), r.batch.completion_mask.to(dev)
+        targets, mask = batch.completion_ids.to(dev), batch.completion_mask.to(dev)
         entropy = entropy_mask = None
         if cfg.top_entropy_quantile < 1.0:
             # the mask needs every token's entropy before the loss's single pass: one more lm_head pass, no grad
@@ -356,7 +382,7 @@ class GRPOTrainer:
             targets,
             old_logp=to(r.old_logp),
             ref_logp=to(r.ref_logp),
-            advantages=r.advantages.to(dev),
+            advantages=advantages.to(dev),
             mask=mask,
             bias=head.bias,
             beta=cfg.beta,
@@ -392,10 +418,11 @@ class GRPOTrainer:
         """Per micro-batch factor turning its own normalisation into the global one: its share of the tokens
         (dapo, bnpo, cispo, vespo) or of the sequences (grpo, dr_grpo, sapo, luspo) of all micro-batches on all
         ranks."""
+        trained = [r.trained[0] for r in rollouts]
         if self.cfg.loss_type in ("dapo", "bnpo", "cispo", "vespo"):
-            counts = torch.tensor([float(r.batch.completion_mask.sum()) for r in rollouts])
-        else:
-            counts = torch.tensor([float(len(r.items)) for r in rollouts])
+            counts = torch.tensor([float(b.completion_mask.sum()) for b in trained])
+        else:  # the rows trained on (none when a micro-batch has no signal)
+            counts = torch.tensor([float(len(r.items) if r.loss_rows is None else len(r.loss_rows)) for r in rollouts])
         total = float(all_sum(counts.sum(), self.env))
         return [float(c) / total if total > 0 else 0.0 for c in counts]
 
@@ -441,16 +468,15 @@ class GRPOTrainer:
         G = self.cfg.num_generations
         rewards = all_gather_cat(torch.cat([r.rewards for r in rollouts]), self.env)  # [global B, K]
         total = weighted_reward_sum(rewards, self.reward_weights)  # [global B], NaN where no function scored
-        groups = total.view(-1, G)
-        group_std = nan_std(groups)  # [global B / G]
-        lengths = all_gather_cat(torch.cat([r.batch.completion_mask.sum(1).float() for r in rollouts]), self.env)
+        group_std = nan_std(total.view(-1, G))  # [global B / G]
+        lengths = all_gather_cat(torch.cat([r.lengths.float() for r in rollouts]), self.env)
         truncated = all_gather_cat(torch.cat([r.truncated.float() for r in rollouts]), self.env)
         loss, kl, entropy, clip, grad_norm = sums.tolist()
         return StepStats(
             step=self.step,
             reward=total.nanmean().item(),
             reward_std=group_std.mean().item(),
-            frac_reward_zero_std=(group_std < 1e-6).float().mean().item(),
+            frac_reward_zero_std=zero_std_groups(total, G).float().mean().item(),
             frac_unscorable=total.isnan().float().mean().item(),
             completion_length=lengths.mean().item(),
             truncated=truncated.mean().item(),

@@ -33,9 +33,23 @@ class Rollout:
     texts: list[str]  # B decoded completions
     rewards: torch.Tensor  # [B, K] one column per reward function, NaN = unscorable
     advantages: torch.Tensor  # [B]
-    old_logp: torch.Tensor | None  # [B, C] when num_iterations > 1
-    ref_logp: torch.Tensor | None  # [B, C] when beta > 0
+    old_logp: torch.Tensor | None  # [B, C] when num_iterations > 1 (the loss batch's rows)
+    ref_logp: torch.Tensor | None  # [B, C] when beta > 0 (the loss batch's rows)
     truncated: torch.Tensor  # [B] bool
+    lengths: torch.Tensor  # [B] sampled tokens per completion
+    # the rows the loss trains on when some are left out (mask_zero_std_groups), and their batch (old_logp and
+    # ref_logp are theirs); None: all B rows, `batch`
+    loss_rows: torch.Tensor | None = None  # [B'] long, ascending
+    loss_batch: Batch | None = None
+
+    @property
+    def trained(self) -> tuple[Batch, torch.Tensor]:
+        """The loss's batch and its rows' advantages `[B']`."""
+        if self.loss_rows is None:
+            return self.batch, self.advantages
+        if not len(self.loss_rows):  # no signal: a stand-in group with a zero mask
+            return self.loss_batch, self.advantages.new_zeros(self.loss_batch.prompt_ids.shape[0])
+        return self.loss_batch, self.advantages[self.loss_rows]
 
 
 def sample_records(r: Rollout, step: int, count: int) -> list[dict[str, Any]]:

@@ -153,7 +153,9 @@ def test_one_step_matches_a_full_logits_reference_step(synthetic_data, tmp_path,
 
 
 def test_rollouts_are_whole_groups_with_eos_masks(synthetic_data):
-    cfg = build_config({"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.0})
+    cfg = build_config(
+        {"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.0, "mask_zero_std_groups": False}
+    )
     policy = load_policy("tiny", seed=0)
     trainer = GRPOTrainer(cfg, policy, load_seed(synthetic_data / "train.jsonl"), CPU, judge=RuleJudge())
     r = trainer.rollout(0, 0)
@@ -174,6 +176,51 @@ def test_rollouts_are_whole_groups_with_eos_masks(synthetic_data):
     assert len(judged) == 8
     torch.testing.assert_close(r.advantages.view(2, 4).sum(1), torch.zeros(2), atol=1e-5, rtol=0)
     assert collate(policy, r.items[:1]).prompt_ids.shape[1] == r.batch.prompt_ids.shape[1]
+
+
+def test_groups_of_equal_rewards_leave_the_loss(synthetic_data):
+    """mask_zero_std_groups: the rows of a group whose rewards are all equal get a zero loss mask; the other group's
+    mask and the logged lengths stay those of the sampled completions."""
+
+    def half_flat(prompts, completions, **columns):  # group 0 all 0.5, group 1 varied
+        return [0.5] * 4 + [float(i % 2) for i in range(4)]
+
+    items = load_seed(synthetic_data / "train.jsonl")
+    flags = {"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.0}
+    masked, full = (
+        GRPOTrainer(build_config(flags | {"mask_zero_std_groups": on}), load_policy("tiny", seed=0), items, CPU,
+                    reward_funcs=[half_flat])
+        for on in (True, False)
+    )
+    r, r_full = masked.rollout(0, 0), full.rollout(0, 0)
+    assert torch.equal(r.batch.completion_ids, r_full.batch.completion_ids)
+    assert r_full.loss_rows is None and r.loss_rows.tolist() == [4, 5, 6, 7]
+    batch, advantages = r.trained
+    assert torch.equal(batch.completion_ids, r_full.batch.completion_ids[4:])
+    assert torch.equal(batch.completion_mask, r_full.batch.completion_mask[4:])
+    assert torch.equal(advantages, r_full.advantages[4:])
+    assert torch.equal(r.lengths, r_full.batch.completion_mask.sum(1))
+    stats, _ = masked.train_step()
+    assert stats.frac_reward_zero_std == 0.5
+    assert stats.completion_length == pytest.approx(r_full.batch.completion_mask.sum(1).float().mean().item())
+
+
+def test_a_micro_batch_without_signal_trains_nothing(synthetic_data):
+    """Every group's rewards equal: one stand-in group with a zero mask runs, and the weights do not move."""
+    cfg = build_config({"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.1,
+                        "mask_zero_std_groups": True})
+    policy = load_policy("tiny", seed=0)
+    trainer = GRPOTrainer(cfg, policy, load_seed(synthetic_data / "train.jsonl"), CPU,
+                          reward_funcs=[lambda prompts, completions, **_: [1.0] * len(completions)],
+                          ref_model=copy.deepcopy(policy.model))
+    r = trainer.rollout(0, 0)
+    batch, advantages = r.trained
+    assert r.loss_rows.numel() == 0 and batch.prompt_ids.shape[0] == 4 and not batch.completion_mask.any()
+    assert not advantages.any() and r.ref_logp.shape[0] == 4
+    start = copy.deepcopy(policy.model)
+    stats, _ = trainer.train_step()
+    assert stats.frac_reward_zero_std == 1.0 and stats.grad_norm == 0.0
+    assert all(torch.equal(p, q) for p, q in zip(start.parameters(), policy.model.parameters()))
 
 
 def test_resume_continues_exactly(tmp_path, train, synthetic_data, stub_judge):

@@ -60,6 +60,7 @@ def test_sample_records_hold_the_first_completions_with_none_for_unscorable():
         old_logp=None,
         ref_logp=None,
         truncated=torch.zeros(3, dtype=torch.bool),
+        lengths=torch.ones(3, dtype=torch.long),
     )
     records = sample_records(rollout, step=7, count=2)
     assert records == [

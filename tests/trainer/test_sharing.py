@@ -46,6 +46,26 @@ def test_collate_keeps_one_image_per_group(tiny_policy, few_items):
         collate(tiny_policy, few_items, repeats=0)
 
 
+@pytest.mark.parametrize("model", ["tiny", "qwen2_vl"])
+def test_select_keeps_the_rows_and_only_their_images(model, few_items, tmp_path):
+    """`Batch.select` of groups 1 and 3: each row's model inputs (its image's pixels included) as in the full batch,
+    and only those two images kept."""
+    policy = load_policy("tiny" if model == "tiny" else save_tiny_qwen_vl(tmp_path, model), seed=0)
+    completions = [f"It is {c}." for c in ("red", "blue", "green", "yellow") for _ in range(G)]
+    full = collate(policy, few_items, completions, repeats=G)
+    rows = torch.tensor([*range(G, 2 * G), *range(3 * G, 4 * G)])
+    picked = full.select(rows)
+    assert picked.image_index.tolist() == [0] * G + [1] * G and group_size(picked) == G
+    per_row = _unshared_collate(policy, few_items, completions, repeats=G)
+    sizes = per_row.num_tiles if per_row.image_grid_thw is None else per_row.image_grid_thw.prod(-1)
+    starts = (sizes.cumsum(0) - sizes).tolist()
+    pixels = torch.cat([per_row.pixel_values[starts[r] : starts[r] + sizes[r]] for r in rows.tolist()])
+    for key, value in picked.model_inputs().items():
+        expected = pixels if key == "pixel_values" else full.model_inputs()[key][rows]
+        assert torch.equal(value, expected), key
+    assert picked.pixel_values.shape[0] * G == pixels.shape[0]  # one copy of each kept image
+
+
 @pytest.mark.parametrize("model", ["tiny", "qwen2_vl", "qwen3_vl"])
 def test_shared_generation_samples_the_same_completions(model, few_items, tmp_path):
     """InternVL: each group prefilled once (KV cache repeated G times); Qwen-VL: each image encoded once."""
