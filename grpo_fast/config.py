@@ -1,7 +1,7 @@
 """The GRPO run configuration: one dataclass of plain, commented defaults, named presets, YAML and CLI overrides.
 
 GRPO knobs carry TRL's `GRPOConfig` names and defaults (beta 0.0, epsilon 0.2, loss_type "dapo", ...); a preset
-overrides some of them: "tiny" (the default: the built-in model on 2 CPU cores, 8-17 minutes end to end) and
+overrides some of them: "tiny" (the default: the built-in model on 2 CPU cores, 7-17 minutes end to end) and
 "reference" (docs/design.md's settings for a 2B VLM with LoRA). Precedence, lowest first: dataclass defaults, the
 preset, `--config file.yaml`, `--key value` flags. Every bad value raises `ConfigError` with one line that says
 what to fix.
@@ -356,7 +356,7 @@ class GRPOConfig:
 
 # Presets: overrides of the dataclass defaults.
 PRESETS: dict[str, dict[str, Any]] = {
-    # The tiny InternVL on 2 CPU cores: after the warm start (4-9 minutes), 3.5-8 minutes of GRPO and its evaluations; a
+    # The tiny InternVL on 2 CPU cores: after the warm start (4-9 minutes), 2.5-8 minutes of GRPO and its evaluations; a
     # high learning rate and short completions suit a ~1.1 M-parameter model whose replies are one or two sentences.
     "tiny": {
         "name": "grpo-tiny",

@@ -179,8 +179,8 @@ def test_rollouts_are_whole_groups_with_eos_masks(synthetic_data):
 
 
 def test_groups_of_equal_rewards_leave_the_loss(synthetic_data):
-    """mask_zero_std_groups: the rows of a group whose rewards are all equal get a zero loss mask; the other group's
-    mask and the logged lengths stay those of the sampled completions."""
+    """mask_zero_std_groups: the loss trains on the group whose rewards differ alone (its completions, mask and
+    advantages as in the full batch); the logged lengths stay those of every sampled completion."""
 
     def half_flat(prompts, completions, **columns):  # group 0 all 0.5, group 1 varied
         return [0.5] * 4 + [float(i % 2) for i in range(4)]
