@@ -2,9 +2,10 @@
 
 Both sides train the tiny preset's step on the built-in InternVL (random init, seed 0, no warm start, fp32, CPU) at
 half its batch: G = 4, 32 completions (8 prompts; the preset takes 16), at most 40 completion tokens, temperature
-0.7, beta 0.04 with a frozen reference, DAPO loss, lr 1e-4 cosine after 5 warm-up steps, the rule judge as the reward. The 8 prompts are the same 8 items on
-both sides, so every step sees the same prompts (token for token: TRL's processor expands the image tokens as
-`grpo_fast.models.inputs.collate` does). Each measurement is a fresh process (`python benchmarks/test_step.py
+0.7, beta 0.04 with a frozen reference, DAPO loss, lr 1e-4 cosine after 5 warm-up steps, the rule judge as the
+reward, and, unlike the preset, the whole model trained and every group in the loss, as TRL does. The 8 prompts are
+the same 8 items on both sides, so every step sees the same prompts (token for token: TRL's processor expands the
+image tokens as `grpo_fast.models.inputs.collate` does). Each measurement is a fresh process (`python benchmarks/test_step.py
 --worker ...`) that runs STEPS steps and reports the median step after the first (warm-up) and its peak RSS; a row
 is the median over RUNS processes, at 1 and 2 torch threads and, for grpo_fast, "auto" (`grpo_fast.threads`, the
 trainer's default), each on the idle machine and beside one busy process (printed, and in each row's `extra_info`;
@@ -49,6 +50,8 @@ SETTINGS = {
     "learning_rate": 1e-4,
     "warmup_steps": 5,
     "loss_type": "dapo",
+    "freeze_vision_tower": False,  # TRL trains the whole model
+    "mask_zero_std_groups": False,  # TRL has no group filter: every group in the loss
 }
 MIN_SPEEDUP = 2.0
 IDLE_LOAD = 0.5

@@ -369,8 +369,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # with 450 (+0.200) for another minute of training; 16 prompts per step (batch 64) beat 8 on the warm starts
         # of seeds 0-5 with fewer misses of the per-seed bars, for ~2 more minutes; a fixed vision tower (the warm
         # start's) beat a trained one on each of seeds 0-2 (mean lift +0.220 against +0.192); leaving the groups of
-        # equal rewards (25-70% of them) out of the loss kept the facts on seeds 0-2 where the full batch lost up to
-        # 0.09 of them, and lifted more on the mean (+0.260 against +0.251; docs/experiments.md).
+        # equal rewards (25-70% of a step's) out of the loss lifted more on the mean of seeds 0-2 and of seeds 3-5
+        # (+0.275 against +0.247 over the six), with two misses of the per-seed bars against five, and made GRPO
+        # steps ~25% cheaper (docs/experiments.md).
         "freeze_vision_tower": True,
         "mask_zero_std_groups": True,
         "max_steps": 450,
