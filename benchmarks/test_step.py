@@ -5,8 +5,8 @@ half its batch: G = 4, 32 completions (8 prompts; the preset takes 16), at most 
 0.7, beta 0.04 with a frozen reference, DAPO loss, lr 1e-4 cosine after 5 warm-up steps, the rule judge as the
 reward, and, unlike the preset, the whole model trained and every group in the loss, as TRL does. The 8 prompts are
 the same 8 items on both sides, so every step sees the same prompts (token for token: TRL's processor expands the
-image tokens as `grpo_fast.models.inputs.collate` does). Each measurement is a fresh process (`python benchmarks/test_step.py
---worker ...`) that runs STEPS steps and reports the median step after the first (warm-up) and its peak RSS; a row
+image tokens as `grpo_fast.models.inputs.collate` does). Each measurement is a fresh process
+(`python benchmarks/test_step.py --worker ...`) that runs STEPS steps and reports the median step after the first (warm-up) and its peak RSS; a row
 is the median over RUNS processes, at 1 and 2 torch threads and, for grpo_fast, "auto" (`grpo_fast.threads`, the
 trainer's default), each on the idle machine and beside one busy process (printed, and in each row's `extra_info`;
 the pytest-benchmark table itself times whole processes, start-up included). grpo_fast's rows also give its time split

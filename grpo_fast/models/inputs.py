@@ -74,18 +74,19 @@ class Batch:
     def row_units(self) -> torch.Tensor:
         """[rows' tiles or patches] long: the `pixel_values` rows (InternVL tiles, Qwen-VL patches) of each row's image,
         row after row: where HF's one-image-per-row layout takes each of its pixel rows from."""
+        return self._units(self.row_images)
+
+    def _units(self, images: torch.Tensor) -> torch.Tensor:
+        """The `pixel_values` rows of `images` (`[n]` long image indices), image after image."""
         sizes = self.num_tiles if self.image_grid_thw is None else self.image_grid_thw.prod(-1)
         starts = sizes.cumsum(0) - sizes
-        rows = self.row_images
-        return torch.cat([torch.arange(s, s + n) for s, n in zip(starts[rows].tolist(), sizes[rows].tolist())])
+        return torch.cat([torch.arange(s, s + n) for s, n in zip(starts[images].tolist(), sizes[images].tolist())])
 
     def select(self, rows: torch.Tensor) -> Batch:
         """The batch of `rows` (`[B']` long, ascending) alone, with only the images they show; prompt and completion
         widths stay P and C."""
-        sizes = self.num_tiles if self.image_grid_thw is None else self.image_grid_thw.prod(-1)
         images, index = torch.unique(self.row_images[rows], return_inverse=True)  # ascending, as rows are
-        starts = (sizes.cumsum(0) - sizes)[images].tolist()
-        units = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, sizes[images].tolist())])
+        units = self._units(images)
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[rows]
