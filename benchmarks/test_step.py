@@ -6,11 +6,11 @@ half its batch: G = 4, 32 completions (8 prompts; the preset takes 16), at most 
 reward, and, unlike the preset, the whole model trained and every group in the loss, as TRL does. The 8 prompts are
 the same 8 items on both sides, so every step sees the same prompts (token for token: TRL's processor expands the
 image tokens as `grpo_fast.models.inputs.collate` does). Each measurement is a fresh process
-(`python benchmarks/test_step.py --worker ...`) that runs STEPS steps and reports the median step after the first (warm-up) and its peak RSS; a row
-is the median over RUNS processes, at 1 and 2 torch threads and, for grpo_fast, "auto" (`grpo_fast.threads`, the
-trainer's default), each on the idle machine and beside one busy process (printed, and in each row's `extra_info`;
-the pytest-benchmark table itself times whole processes, start-up included). grpo_fast's rows also give its time split
-per step (`time/generate`, `time/reward`, `time/logprobs`, `time/update`).
+(`python benchmarks/test_step.py --worker ...`) that runs STEPS steps and reports the median step after the first
+(warm-up) and its peak RSS; a row is the median over RUNS processes, at 1 and 2 torch threads and, for grpo_fast,
+"auto" (`grpo_fast.threads`, the trainer's default), each on the idle machine and beside one busy process (printed,
+and in each row's `extra_info`; the pytest-benchmark table itself times whole processes, start-up included).
+grpo_fast's rows also give its time split per step (`time/generate`, `time/reward`, `time/logprobs`, `time/update`).
 
 TRL needs a processor for the tiny model: HF's `InternVLProcessor` wants a video processor (torchvision, absent
 here) and a tokenizer with a video token, so `_TinyInternVLProcessor` below is the same processor without the

@@ -299,8 +299,10 @@ class GRPOTrainer:
         with self.timed("logprobs"):
             old_logp = self.logprobs(self.policy.model, train) if cfg.num_iterations > 1 else None
             ref_logp = self.reference_logprobs(train) if cfg.beta > 0 else None
-        return Rollout(items, batch, texts, rewards, advantages, old_logp, ref_logp, out.truncated, out.mask.sum(1),
-                       rows, train)
+        lengths = out.mask.sum(1)  # sampled tokens per completion
+        return Rollout(
+            items, batch, texts, rewards, advantages, old_logp, ref_logp, out.truncated, lengths, rows, train
+        )
 
     def signal_rows(self, rewards: torch.Tensor) -> torch.Tensor | None:
         """With mask_zero_std_groups, the `[B']` rows (ascending) of the groups whose rewards differ, when some do
@@ -362,9 +364,7 @@ class GRPOTrainer:
         cfg, dev = self.cfg, self.env.device
         batch, advantages = r.trained
         with self._autocast():
-            hidden = completion_hidden(
-                self.policy.model, batch, dev, share_prompt=not cfg.gradient_checkpointing
-            )
+            hidden = completion_hidden(self.policy.model, batch, dev, share_prompt=not cfg.gradient_checkpointing)
         head = lm_head(self.policy.model)
         to = lambda t: None if t is None else t.to(dev)
         targets, mask = batch.completion_ids.to(dev), batch.completion_mask.to(dev)

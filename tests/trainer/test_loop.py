@@ -188,8 +188,10 @@ def test_groups_of_equal_rewards_leave_the_loss(synthetic_data):
     items = load_seed(synthetic_data / "train.jsonl")
     flags = {"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.0}
     masked, full = (
-        GRPOTrainer(build_config(flags | {"mask_zero_std_groups": on}), load_policy("tiny", seed=0), items, CPU,
-                    reward_funcs=[half_flat])
+        GRPOTrainer(
+            build_config(flags | {"mask_zero_std_groups": on}), load_policy("tiny", seed=0), items, CPU,
+            reward_funcs=[half_flat],
+        )
         for on in (True, False)
     )
     r, r_full = masked.rollout(0, 0), full.rollout(0, 0)
@@ -207,12 +209,18 @@ def test_groups_of_equal_rewards_leave_the_loss(synthetic_data):
 
 def test_a_micro_batch_without_signal_trains_nothing(synthetic_data):
     """Every group's rewards equal: one stand-in group with a zero mask runs, and the weights do not move."""
-    cfg = build_config({"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.1,
-                        "mask_zero_std_groups": True})
+    cfg = build_config(
+        {"batch_size": 8, "num_generations": 4, "max_completion_length": 12, "beta": 0.1, "mask_zero_std_groups": True}
+    )
     policy = load_policy("tiny", seed=0)
-    trainer = GRPOTrainer(cfg, policy, load_seed(synthetic_data / "train.jsonl"), CPU,
-                          reward_funcs=[lambda prompts, completions, **_: [1.0] * len(completions)],
-                          ref_model=copy.deepcopy(policy.model))
+
+    def same_reward(prompts, completions, **columns):
+        return [1.0] * len(completions)
+
+    trainer = GRPOTrainer(
+        cfg, policy, load_seed(synthetic_data / "train.jsonl"), CPU, reward_funcs=[same_reward],
+        ref_model=copy.deepcopy(policy.model),
+    )
     r = trainer.rollout(0, 0)
     batch, advantages = r.trained
     assert r.loss_rows.numel() == 0 and batch.prompt_ids.shape[0] == 4 and not batch.completion_mask.any()
