@@ -11,7 +11,7 @@ unambig: asks, notes or refuses -> 1; no colour given -> 1; hedges or several co
 a fluent answer -> 4 when correct and at most 12 words, else 3.
 Factual: FAIL when a colour or shape is named that the scene lacks, a colour is bound to a shape no object
 of that colour has ("the red triangle", "the triangle is red", "a red one", "it is red"), or a count is wrong
-("two triangles", "only one triangle"). Items without ground truth are unscorable (None).
+("two triangles", "only one triangle", "more than one triangle"). Items without ground truth are unscorable (None).
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ _COLOUR_SHAPE = re.compile(rf"\b(?:({_SIZE}) )?({_COLOUR}) (?:({_SIZE}) )?({_SHA
 _SHAPE_IS_COLOUR = re.compile(rf"\b(?:({_SIZE}) )?({_SHAPE}) (?:in the (?:picture|image) )?is ({_COLOUR})\b")
 _REFERENT_IS_COLOUR = re.compile(rf"\b(?:it is|it's|its colour is|(?:one|other|another) is) ({_COLOUR})\b")
 _COLOUR_ONE = re.compile(rf"\b({_COLOUR}) ones?\b")
-_COUNT = re.compile(rf"\b({_NUM}) (?:({_SIZE}) )?(?:(?:{_COLOUR}) )?({_SHAPE})s?\b")
+_COUNT = re.compile(rf"(?<!more than )\b({_NUM}) (?:({_SIZE}) )?(?:(?:{_COLOUR}) )?({_SHAPE})s?\b")
 _ONLY_ONE = re.compile(rf"\b(?:only one|just one|a single|exactly one) (?:({_SIZE}) )?({_SHAPE})\b")
+_SEVERAL = re.compile(rf"\b(?:more than one|several|multiple) (?:({_SIZE}) )?({_SHAPE})s?\b")
 _NONE = re.compile(
     rf"\b(?:there is no|there are no|i see no|i don't see any|i do not see any) (?:({_SIZE}) )?({_SHAPE})"
 )
@@ -91,6 +92,8 @@ def factual_pass(text: str, scene: Scene, target: Target) -> bool:
     if any(_count(scene, shape, size or None) != number[n] for n, size, shape in _COUNT.findall(t)):
         return False
     if any(_count(scene, shape, size or None) != 1 for size, shape in _ONLY_ONE.findall(t)):
+        return False
+    if any(_count(scene, shape, size or None) < 2 for size, shape in _SEVERAL.findall(t)):
         return False
     return not any(_count(scene, shape, size or None) > 0 for size, shape in _NONE.findall(t))
 

@@ -30,6 +30,8 @@ CASES = [
     (AMBIG, "The question is ambiguous: I see a red triangle and a blue triangle.", 4, True),
     (AMBIG, "There are two triangles. Which one do you mean?", 4, True),
     (AMBIG, "Which triangle do you mean?", 3, True),
+    (AMBIG, "The question is ambiguous: I see more than one triangle. Which one do you mean?", 4, True),
+    (AMBIG, "There are several triangles. Which one do you mean?", 4, True),
     (AMBIG, "There are two triangles triangles: a red one and a blue one. Which one?", 3, True),  # not fluent
     (AMBIG, "I'm not sure.", 2, True),
     (AMBIG, "I am not sure which triangle you mean.", 2, True),
@@ -51,6 +53,7 @@ CASES = [
     (UNAMBIG, "I'm not sure, maybe the circle is green.", 2, True),
     (UNAMBIG, "The circle is green or blue.", 2, True),
     (UNAMBIG, "Which circle do you mean?", 1, True),
+    (UNAMBIG, "There is more than one circle in the picture. Which one are you asking about?", 1, False),
     (UNAMBIG, "There are two circles: a green one and a red one. Which one do you mean?", 1, False),
     (UNAMBIG, "I cannot answer that.", 1, True),
     (UNAMBIG, "I'm not sure.", 1, True),
