@@ -44,6 +44,8 @@ _SEVERAL = re.compile(rf"\b(?:more than one|several|multiple) (?:({_SIZE}) )?({_
 _NONE = re.compile(
     rf"\b(?:there is no|there are no|i see no|i don't see any|i do not see any) (?:({_SIZE}) )?({_SHAPE})"
 )
+# Quantified claims about a shape, each with the test its count in the scene must pass.
+_QUANTIFIED = ((_ONLY_ONE, lambda n: n == 1), (_SEVERAL, lambda n: n >= 2), (_NONE, lambda n: n == 0))
 
 _ASK_CUE = re.compile(r"\b(?:which|do you mean|you mean|are you asking|clarify|specify)\b|\bor\b")
 _AMBIGUITY = re.compile(r"\b(?:ambiguous|ambiguity|more than one|several|multiple|both|unclear which)\b")
@@ -91,11 +93,11 @@ def factual_pass(text: str, scene: Scene, target: Target) -> bool:
     number = {word: n for n, word in NUMBER_WORDS.items()}
     if any(_count(scene, shape, size or None) != number[n] for n, size, shape in _COUNT.findall(t)):
         return False
-    if any(_count(scene, shape, size or None) != 1 for size, shape in _ONLY_ONE.findall(t)):
-        return False
-    if any(_count(scene, shape, size or None) < 2 for size, shape in _SEVERAL.findall(t)):
-        return False
-    return not any(_count(scene, shape, size or None) > 0 for size, shape in _NONE.findall(t))
+    return all(
+        holds(_count(scene, shape, size or None))
+        for pattern, holds in _QUANTIFIED
+        for size, shape in pattern.findall(t)
+    )
 
 
 def _target_colours(t: str, target: Target) -> set[str]:
